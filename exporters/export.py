@@ -1,0 +1,225 @@
+"""``export_bundle``: an early-exit model -> a validated bundle directory, written atomically.
+
+The caller (the CLI) loads the model and encodes the data; this module never imports freedeploy.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from calibration.int8_data import FeedReader, collect_feeds
+from exporters.graphs import GraphDef, graph_defs
+from exporters.onnx_export import DEFAULT_OPSET, module2onnx
+from exporters.precision import onnx2fp16, onnx2int8
+from exporters.validate import (chain_parity, compare_files, mismatch_dicts, precision_report, record_all,
+                                torch_record)
+from runtimes.atomic import atomic_directory
+from runtimes.backends.onnxruntime import OrtBackend
+from runtimes.bundle import (MANIFEST, BatchSpec, Bundle, ExitSpec, GraphSpec, StageSpec, load_bundle, save_bundle,
+                             sha256_file)
+from runtimes.errors import ConfigError, ValidationError
+from runtimes.preprocess import spec_from_dict
+
+__all__ = ["TARGETS", "ExportConfig", "ExportData", "ExportResult", "export_bundle"]
+
+log = logging.getLogger(__name__)
+
+# --target -> the precision that goes into the ONNX (and later into the engines)
+TARGETS = {"onnx": "fp32", "trt-fp32": "fp32", "trt-fp16": "fp16", "trt-int8": "int8"}
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    target: str = "onnx"
+    max_batch: int = 64  # the runtime splits larger inputs
+    opt_batch: int = 1  # TensorRT tunes for this batch: 1 is the camera case
+    opset: int = DEFAULT_OPSET
+    calib_samples: int = 256  # training rows that calibrate int8 activations
+    confidence: str = "max_softmax"
+    validate: bool = True
+    tolerance: float = 1e-4  # fp32 ONNX vs torch, max abs diff per output
+    max_accuracy_drop: float = 0.02  # fp16 / int8 vs fp32 on the test split, before the export fails
+    overwrite: bool = False
+
+
+@dataclass
+class ExportData:
+    """Encoded model inputs (numpy) for tracing, validation and int8 calibration."""
+
+    test: dict[str, np.ndarray]
+    test_labels: np.ndarray
+    calib: dict[str, np.ndarray]
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    bundle: Bundle
+    validation: dict[str, Any]
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def export_bundle(model: torch.nn.Module, run: dict[str, Any], data: ExportData, out: Path, cfg: ExportConfig,
+                  extra_files: dict[str, Path] | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Write ``out`` (a bundle) from a loaded early-exit model and its run manifest."""
+    if cfg.target not in TARGETS:
+        raise ConfigError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
+    if not 1 <= cfg.opt_batch <= cfg.max_batch:
+        raise ConfigError(f"batch sizes must satisfy 1 <= opt ({cfg.opt_batch}) <= max ({cfg.max_batch})")
+    say = progress or (lambda m: log.info(m))
+    t0, timings = time.perf_counter(), {}
+    model = model.eval().float()
+    defs = graph_defs(model, cfg.confidence)
+    precision = TARGETS[cfg.target]
+    with atomic_directory(out, overwrite=cfg.overwrite) as tmp:
+        (tmp / "onnx").mkdir()
+        specs = _write_onnx(defs, data.test, tmp, cfg, say)
+        timings["onnx_export_s"] = time.perf_counter() - t0
+        for name, src in (extra_files or {}).items():
+            shutil.copyfile(src, tmp / name)
+        bundle = _save(tmp, _assemble(defs, specs, run, cfg, out.name))
+        validation: dict[str, Any] = {"target": cfg.target, "validated": cfg.validate}
+        fp32 = OrtBackend(bundle, "fp32", threads=None)
+        if cfg.validate:
+            say("validating fp32 graphs against torch")
+            validation.update(_validate_fp32(bundle, fp32, {d.key: d.module for d in defs}, data, cfg))
+        if precision != "fp32":
+            t1 = time.perf_counter()
+            bundle = _save(tmp, _add_precision(bundle, tmp, precision, fp32, data.calib, say))
+            timings[f"{precision}_transform_s"] = time.perf_counter() - t1
+            if cfg.validate:
+                say(f"validating {precision} graphs against fp32")
+                validation["precision"] = _validate_precision(bundle, precision, fp32, data, cfg)
+        (tmp / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
+        bundle = _save(tmp, bundle)
+    timings["total_s"] = time.perf_counter() - t0
+    return ExportResult(out, load_bundle(out), validation, time.perf_counter() - t0, timings)
+
+
+def _write_onnx(defs: list[GraphDef], test: dict[str, np.ndarray], tmp: Path, cfg: ExportConfig,
+                say: Callable[[str], None]) -> dict[str, tuple]:
+    """Trace every graph on two real rows, feeding each graph what the chain before it produced."""
+    state = {k: torch.from_numpy(v[:2]) for k, v in test.items()}
+    if len(next(iter(state.values()))) < 2:
+        raise ConfigError("export needs at least 2 test samples to trace the graphs")
+    model_inputs = dict(state)
+    specs = {}
+    for d in defs:
+        say(f"exporting {d.key}")
+        source = model_inputs if d.key == "full" else state
+        args = [source[n] for n in d.inputs]
+        specs[d.key] = module2onnx(d.module, args, d.inputs, d.outputs, tmp / "onnx" / f"{d.key}.onnx",
+                                   opset=cfg.opset, max_batch=cfg.max_batch)
+        if d.key != "full":
+            with torch.no_grad():
+                outs = d.module(*args)
+            state.update(zip(d.outputs, outs if isinstance(outs, tuple) else (outs,)))
+    return specs
+
+
+def _assemble(defs: list[GraphDef], specs: dict[str, tuple], run: dict[str, Any], cfg: ExportConfig,
+              name: str) -> Bundle:
+    def graph(key: str) -> GraphSpec:
+        return GraphSpec({"fp32": f"onnx/{key}.onnx"}, *specs[key])
+
+    exits, bounds = run["exits"], _bounds(run["exits"], run["num_blocks"])
+    stages = tuple(StageSpec(k, bounds[k], graph(f"segment_{k}"),
+                             ExitSpec(exits[k], graph(f"exit_{k}"), cfg.confidence, None) if k < len(exits) else None)
+                   for k in range(len(bounds)))
+    return Bundle(name=name, labels=tuple(run["labels"]), preprocess=spec_from_dict(run["preprocess"]),
+                  inputs=specs["full"][0], batch=BatchSpec(1, cfg.opt_batch, cfg.max_batch), stages=stages,
+                  full=graph("full"), num_blocks=run["num_blocks"], files={}, provenance=_provenance(run, cfg))
+
+
+def _bounds(exits: list[int], num_blocks: int) -> list[tuple[int, int]]:
+    cuts = [0, *exits, num_blocks]
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _save(tmp: Path, bundle: Bundle) -> Bundle:
+    """Hash every file in the directory (but the manifest and engines), write bundle.json, reload."""
+    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
+             if p.is_file() and p.name != MANIFEST and "engines" not in p.relative_to(tmp).parts}
+    save_bundle(replace(bundle, files=files), tmp)
+    return load_bundle(tmp)
+
+
+def _add_precision(bundle: Bundle, tmp: Path, precision: str, fp32: OrtBackend, calib: dict[str, np.ndarray],
+                   say: Callable[[str], None]) -> Bundle:
+    (tmp / "onnx" / precision).mkdir()
+    feeds = None
+    if precision == "int8":
+        say(f"collecting int8 calibration data ({len(next(iter(calib.values())))} samples)")
+        n, step = len(next(iter(calib.values()))), 32
+        feeds = collect_feeds(fp32, ({k: v[i:i + step] for k, v in calib.items()} for i in range(0, n, step)))
+
+    def convert(g: GraphSpec, key: str) -> GraphSpec:
+        say(f"{precision}: {key}")
+        src, rel = tmp / g.files["fp32"], f"onnx/{precision}/{key}.onnx"
+        if precision == "fp16":
+            onnx2fp16(src, tmp / rel)
+        else:
+            onnx2int8(src, tmp / rel, FeedReader(feeds[key]))
+        return replace(g, files={**g.files, precision: rel})
+
+    stages = tuple(replace(s, segment=convert(s.segment, f"segment_{s.index}"),
+                           exit=None if s.exit is None else replace(s.exit, graph=convert(s.exit.graph, f"exit_{s.index}")))
+                   for s in bundle.stages)
+    return replace(bundle, stages=stages, full=convert(bundle.full, "full"))
+
+
+def _validate_fp32(bundle: Bundle, fp32: OrtBackend, modules: dict[str, torch.nn.Module], data: ExportData,
+                   cfg: ExportConfig) -> dict[str, Any]:
+    rows, failures = compare_files(bundle, modules, fp32, data.test, batches=(1, 5), tolerance=cfg.tolerance)
+    reference, gaps = torch_record(bundle, modules, data.test)
+    parity, _ = chain_parity(bundle, fp32, reference, gaps, data.test, cfg.tolerance)
+    report = {"tolerance": cfg.tolerance, "files": rows, "failures": mismatch_dicts(failures),
+              "max_abs_diff": max(r["max_abs_diff"] for r in rows), "chain_parity": parity,
+              "torch_test_accuracy": float((reference.predictions[:, -1] == data.test_labels).mean())}
+    problems = [str(f) for f in failures]
+    if not parity["equal"]:
+        problems.append(f"chained ONNX Runtime predictions differ from torch on {parity['real_mismatches_per_head']} "
+                        f"of {parity['n']} test samples per head")
+    if problems:
+        raise ValidationError(f"{len(problems)} validation failure(s): " + "; ".join(problems[:5]) +
+                              ("; ..." if len(problems) > 5 else "") + " (use --no-validate to keep the bundle anyway)")
+    return report
+
+
+def _validate_precision(bundle: Bundle, precision: str, fp32: OrtBackend, data: ExportData,
+                        cfg: ExportConfig) -> dict[str, Any]:
+    reference = record_all(bundle, fp32, data.test)
+    report = precision_report(bundle, OrtBackend(bundle, precision), reference, data.test, data.test_labels)
+    if -report["accuracy_change"] > cfg.max_accuracy_drop:
+        raise ValidationError(f"{precision} loses {-100 * report['accuracy_change']:.1f} points of test accuracy "
+                              f"(allowed: {100 * cfg.max_accuracy_drop:.1f}); use --max-accuracy-drop or --no-validate")
+    return report
+
+
+def _provenance(run: dict[str, Any], cfg: ExportConfig) -> dict[str, Any]:
+    import onnx
+    import onnxruntime
+
+    from runtimes.bundle import SCHEMA_VERSION
+
+    return {
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "export_settings": asdict(cfg),
+        "versions": {**run.get("versions", {}), "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                     "torch": torch.__version__, "python": platform.python_version()},
+        "schema_version": SCHEMA_VERSION,
+        "source": {k: run.get(k) for k in ("adapter", "model_class", "exits", "source_model", "data")},
+        "train_config": run.get("train_config", {}),
+    }

@@ -1,0 +1,109 @@
+"""The torch modules that become the bundle's ONNX graphs, and their tensor names.
+
+- ``segment_k``: model inputs (k = 0) or ``hidden_<e_k>`` -> ``hidden_<e_{k+1}>``; the last segment
+  ends in the final head and returns ``logits``, ``confidence``, ``prediction``;
+- ``exit_k``: ``hidden_<e_k>`` -> ``logits_k``, ``confidence_k``, ``prediction_k``;
+- ``full``: model inputs -> ``logits``, ``confidence``, ``prediction`` (the monolithic baseline).
+
+Text models also feed ``attention_mask`` (B, T) to every graph; each graph rebuilds the additive
+mask itself. Confidence and prediction are computed in fp32 inside the graph, so the runtime only
+reads a few numbers per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # exporters never import freedeploy at run time: the model arrives as an object
+    from freedeploy.model import EarlyExitModel
+
+__all__ = ["GraphDef", "graph_defs", "CONFIDENCE_TORCH"]
+
+
+def _max_softmax(p: torch.Tensor) -> torch.Tensor:
+    return p.max(dim=-1).values
+
+
+def _margin(p: torch.Tensor) -> torch.Tensor:
+    top = torch.topk(p, 2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    h = -(p * torch.log(torch.clamp(p, min=1e-30))).sum(dim=-1)
+    return 1.0 - h / torch.log(torch.tensor(float(p.shape[-1])))
+
+
+# torch twins of runtimes.confidence.CONFIDENCE, applied to fp32 probabilities
+CONFIDENCE_TORCH: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "max_softmax": _max_softmax, "margin": _margin, "entropy": _entropy}
+
+
+def _head_outputs(logits: torch.Tensor, confidence: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return logits, CONFIDENCE_TORCH[confidence](probs), torch.argmax(logits, dim=-1)
+
+
+class _Graph(nn.Module):
+    """One piece of an EarlyExitModel; ``forward(x, attention_mask=None)``."""
+
+    def __init__(self, model: "EarlyExitModel", kind: str, index: int, confidence: str) -> None:
+        super().__init__()
+        self.model, self.kind, self.index, self.confidence = model, kind, index, confidence
+        self.first_input = model.adapter.input_names[0]
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | tuple:
+        m = self.model
+        dtype = next(m.parameters()).dtype
+        if self.kind in ("full", "segment") and (self.kind == "full" or self.index == 0):
+            inputs = {self.first_input: x}
+            if attention_mask is not None:
+                inputs["attention_mask"] = attention_mask
+            hidden = m.adapter.embed(m.hf, inputs)
+        else:
+            hidden = x
+        mask = m.additive_mask(attention_mask, dtype)
+        if self.kind == "exit":
+            logits, _ = m.heads[self.index](hidden, mask)
+            return _head_outputs(logits, self.confidence)
+        segments = m.segments()
+        start, end = (0, m.num_blocks) if self.kind == "full" else segments[self.index]
+        hidden = m.run_blocks(hidden, mask, start, end)
+        if self.kind == "full" or self.index == len(segments) - 1:
+            logits, _ = m.final_head(hidden)
+            return _head_outputs(logits, self.confidence)
+        return hidden
+
+
+@dataclass(frozen=True)
+class GraphDef:
+    key: str  # segment_<k>, exit_<k> or full
+    module: nn.Module
+    inputs: tuple[str, ...]  # ONNX input names, in forward() order
+    outputs: tuple[str, ...]
+
+
+def graph_defs(model: "EarlyExitModel", confidence: str = "max_softmax") -> list[GraphDef]:
+    """Every graph of the bundle, in chain order, then ``full``."""
+    if confidence not in CONFIDENCE_TORCH:
+        raise ValueError(f"unknown confidence {confidence!r}")
+    text = "attention_mask" in model.adapter.input_names
+    mask = ("attention_mask",) if text else ()
+    first = model.adapter.input_names[0]
+    head = ("logits", "confidence", "prediction")
+    defs = []
+    n_seg = len(model.segments())
+    for k in range(n_seg):
+        src = first if k == 0 else f"hidden_{model.exits[k - 1]}"
+        outs = head if k == n_seg - 1 else (f"hidden_{model.exits[k]}",)
+        defs.append(GraphDef(f"segment_{k}", _Graph(model, "segment", k, confidence), (src, *mask), outs))
+        if k < n_seg - 1:
+            defs.append(GraphDef(f"exit_{k}", _Graph(model, "exit", k, confidence), (f"hidden_{model.exits[k]}", *mask),
+                                 (f"logits_{k}", f"confidence_{k}", f"prediction_{k}")))
+    defs.append(GraphDef("full", _Graph(model, "full", 0, confidence), (first, *mask), head))
+    return defs

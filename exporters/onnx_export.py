@@ -1,0 +1,59 @@
+"""torch module -> ONNX file with a dynamic batch axis (``module2onnx``)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from runtimes.bundle import TensorSpec
+from runtimes.errors import ExportError
+
+__all__ = ["module2onnx", "DEFAULT_OPSET"]
+
+log = logging.getLogger(__name__)
+
+# Opset 23+ turns attention into the native ONNX Attention op, which TensorRT 10.x cannot parse;
+# 18-20 exports plain MatMul/Softmax that every TensorRT version fuses itself.
+DEFAULT_OPSET = 20
+
+
+def _spec(name: str, t: torch.Tensor) -> TensorSpec:
+    dtype = {torch.float32: "float32", torch.float16: "float16", torch.int64: "int64", torch.int32: "int32",
+             torch.bool: "bool"}[t.dtype]
+    return TensorSpec(name, dtype, ("batch", *[int(d) for d in t.shape[1:]]))
+
+
+def module2onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], input_names: Sequence[str],
+                output_names: Sequence[str], path: Path, opset: int = DEFAULT_OPSET,
+                max_batch: int = 64) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """Export with the dynamo exporter; returns the input and output tensor specs it wrote.
+
+    The example batch must be 2 or more: a batch-1 example lets the exporter fix the batch axis.
+    """
+    if len(args[0]) < 2:
+        raise ExportError("export needs an example batch of 2 or more rows")
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch, len(args[0])))
+    dynamic = tuple({0: batch} for _ in args)
+    module.eval()
+    with torch.no_grad():
+        outputs = module(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    captured = io.StringIO()
+    try:
+        # the exporter prints progress on stdout, which must stay clean for --json output
+        with contextlib.redirect_stdout(captured), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, tuple(args), str(path), input_names=list(input_names),
+                              output_names=list(output_names), dynamic_shapes=dynamic, opset_version=opset,
+                              external_data=False, dynamo=True, optimize=True, verbose=False)
+    except Exception as exc:  # torch.export raises many types; the message is what matters
+        log.debug("exporter output:\n%s", captured.getvalue())
+        raise ExportError(f"ONNX export of {path.name} failed: {str(exc).splitlines()[0]}") from exc
+    return (tuple(_spec(n, a) for n, a in zip(input_names, args)),
+            tuple(_spec(n, o) for n, o in zip(output_names, outputs)))

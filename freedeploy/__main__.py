@@ -1,0 +1,5 @@
+"""``python -m freedeploy`` (and ``torchrun ... -m freedeploy train``)."""
+
+from freedeploy.cli import main
+
+main()

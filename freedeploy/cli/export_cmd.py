@@ -1,0 +1,133 @@
+"""``freedeploy export``, ``freedeploy build`` and ``freedeploy inspect``."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import click
+
+from freedeploy.cli.output import emit_json, note, table
+
+TARGET_NAMES = ("onnx", "trt-fp32", "trt-fp16", "trt-int8")
+
+
+class TargetType(click.ParamType):
+    """``--target`` with a suggestion for a misspelt value."""
+
+    name = "target"
+
+    def __init__(self, choices: tuple[str, ...] = TARGET_NAMES) -> None:
+        self.choices = choices
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        if value in self.choices:
+            return value
+        close = difflib.get_close_matches(str(value), self.choices, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        self.fail(f"{value!r} is not a target: choose one of {', '.join(self.choices)}{hint}", param, ctx)
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--target", type=TargetType(), default="onnx", show_default=True,
+              help="onnx | trt-fp32 | trt-fp16 | trt-int8 (precision goes into the ONNX; engines are built where "
+                   "TensorRT and a GPU exist).")
+@click.option("--out", type=click.Path(file_okay=False), help="Bundle dir to write [default: bundles/<run name>].")
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True)
+@click.option("--opt-batch", type=click.IntRange(1, 4096), default=1, show_default=True,
+              help="Batch size TensorRT tunes for (1: the camera case).")
+@click.option("--opset", type=click.IntRange(17, 22), default=20, show_default=True)
+@click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True,
+              help="Training samples that calibrate int8 activations.")
+@click.option("--confidence", type=click.Choice(["max_softmax", "margin", "entropy"]), default="max_softmax",
+              show_default=True)
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+              help="fp16 / int8: allowed test-accuracy loss against fp32 before the export fails.")
+@click.option("--no-validate", is_flag=True, help="Skip validation against torch (not recommended).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle (only once the new one is complete).")
+@click.option("--json", "as_json", is_flag=True)
+def export(run_dir: str, target: str, out: str | None, max_batch: int, opt_batch: int, opset: int,
+           calib_samples: int, confidence: str, max_accuracy_drop: float, no_validate: bool, overwrite: bool,
+           as_json: bool) -> None:
+    """Export a run dir to a bundle: every segment and exit head as ONNX, validated against torch."""
+    from freedeploy.exporting import export_run
+
+    out_path = Path(out or f"bundles/{Path(run_dir).name}")
+    result = export_run(Path(run_dir), out_path, target=target, max_batch=max_batch, opt_batch=opt_batch,
+                        opset=opset, calib_samples=calib_samples, confidence=confidence,
+                        max_accuracy_drop=max_accuracy_drop, validate=not no_validate, overwrite=overwrite,
+                        progress=None if as_json else note)
+    build = _maybe_build(out_path, target, as_json)
+    if as_json:
+        emit_json({"out": str(out_path), "target": target, "seconds": round(result.seconds, 1),
+                   "timings": result.timings, "validation": result.validation, "engines": build})
+        return
+    click.echo(_export_summary(result.validation))
+    click.echo(f"\nwrote {out_path} in {result.seconds:.0f} s")
+    click.echo(f"next: freedeploy inspect {out_path}")
+
+
+def _maybe_build(bundle_dir: Path, target: str, quiet: bool) -> dict[str, Any] | None:
+    if not target.startswith("trt-"):
+        return None
+    from exporters.tensorrt import build_engines, detect_device
+    from runtimes.errors import BackendUnavailableError
+
+    precision = target.split("-", 1)[1]
+    try:
+        detect_device()
+    except BackendUnavailableError as exc:
+        if not quiet:
+            note(f"TensorRT engines not built here ({exc})")
+            note(f"build them on the device: freedeploy build {bundle_dir} --target {target}")
+        return {"built": False, "reason": str(exc), "command": f"freedeploy build {bundle_dir} --target {target}"}
+    res = build_engines(bundle_dir, precision, progress=None if quiet else _progress_line)
+    return {"built": True, "key": res.key, "directory": str(res.directory), "seconds": res.seconds}
+
+
+def _progress_line(message: str, fraction: float) -> None:
+    note(f"  [{100 * fraction:5.1f}%] {message}")
+
+
+def _export_summary(v: dict[str, Any]) -> str:
+    if not v.get("validated"):
+        return "validation skipped (--no-validate)"
+    worst: dict[str, float] = {}
+    for row in v["files"]:
+        worst[row["file"]] = max(worst.get(row["file"], 0.0), row["max_abs_diff"])
+    lines = [table(["file", "max abs diff vs torch (batch 1 and 5)"], [[f, f"{d:.2e}"] for f, d in worst.items()])]
+    p = v["chain_parity"]
+    lines.append(f"chained ONNX Runtime vs torch on {p['n']} test samples: "
+                 f"{'identical predictions' if p['equal'] else 'MISMATCH'} (per head: {p['mismatches_per_head']})")
+    if "precision" in v:
+        r = v["precision"]
+        lines.append(f"{r['precision']} vs fp32: exit-decision agreement at threshold {r['reference_threshold']}: "
+                     + ", ".join(f"{100 * a:.2f}%" for a in r["exit_decision_agreement"])
+                     + f"; test accuracy {100 * r['final_accuracy']:.2f}% ({100 * r['accuracy_change']:+.2f} points)")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--target", type=TargetType(TARGET_NAMES[1:]), default="trt-fp16", show_default=True)
+@click.option("--workspace-gb", type=click.FloatRange(0.1), default=2.0, show_default=True)
+@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+              help="TensorRT builder optimization level (lower builds faster, e.g. on Jetson).")
+@click.option("--overwrite", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def build(bundle_dir: str, target: str, workspace_gb: float, opt_level: int, overwrite: bool, as_json: bool) -> None:
+    """Build TensorRT engines for a bundle on this machine (needs TensorRT and a GPU, not torch)."""
+    from exporters.tensorrt import build_engines
+
+    res = build_engines(Path(bundle_dir), target.split("-", 1)[1], workspace_gb=workspace_gb,
+                        optimization_level=opt_level, overwrite=overwrite,
+                        progress=None if as_json else _progress_line)
+    info = {"key": res.key, "directory": str(res.directory), "plans": {k: str(v) for k, v in res.plans.items()},
+            "seconds": round(res.seconds, 1)}
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"built {len(res.plans)} engines into {res.directory} in {res.seconds:.0f} s")
+    click.echo(f"next: freedeploy calibrate {bundle_dir} --backend tensorrt")

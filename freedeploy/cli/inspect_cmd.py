@@ -1,0 +1,77 @@
+"""``freedeploy inspect``: what a bundle holds, and whether it runs here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from freedeploy.cli.output import emit_json, table
+
+
+def describe(bundle_dir: Path) -> dict[str, Any]:
+    from runtimes.bundle import load_bundle
+
+    b = load_bundle(bundle_dir)
+    stages = []
+    for s in b.stages:
+        row = {"stage": s.index, "blocks": list(s.blocks), "segment": dict(s.segment.files),
+               "segment_inputs": [(t.name, t.dtype, list(t.shape)) for t in s.segment.inputs],
+               "segment_outputs": [(t.name, t.dtype, list(t.shape)) for t in s.segment.outputs]}
+        if s.exit is not None:
+            row.update(exit_block=s.exit.block, exit=dict(s.exit.graph.files), confidence=s.exit.confidence,
+                       threshold=s.exit.threshold)
+        stages.append(row)
+    validation = None
+    if (bundle_dir / "validation.json").is_file():
+        v = json.loads((bundle_dir / "validation.json").read_text())
+        validation = {"validated": v.get("validated"), "max_abs_diff": v.get("max_abs_diff"),
+                      "chain_parity": (v.get("chain_parity") or {}).get("equal"), "precision": v.get("precision")}
+    return {"name": b.name, "schema_version": b.schema_version, "labels": list(b.labels),
+            "preprocess": b.preprocess.to_dict(), "inputs": [(t.name, t.dtype, list(t.shape)) for t in b.inputs],
+            "batch": vars(b.batch), "num_blocks": b.num_blocks, "precisions": list(b.precisions),
+            "stages": stages, "files": len(b.files), "calibration": b.calibration, "validation": validation,
+            "engines": _engines(bundle_dir)}
+
+
+def _engines(bundle_dir: Path) -> list[dict[str, Any]]:
+    from exporters.tensorrt import detect_device, list_engine_sets
+    from runtimes.errors import BackendUnavailableError
+
+    try:
+        device = detect_device()
+    except BackendUnavailableError:
+        device = None
+    return list_engine_sets(bundle_dir, device)
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def inspect(bundle_dir: str, as_json: bool) -> None:
+    """Show a bundle's stages, files, shapes, thresholds, validation and engine sets."""
+    info = describe(Path(bundle_dir))
+    if as_json:
+        emit_json(info)
+        return
+    click.echo(f"bundle {info['name']} (schema {info['schema_version']}): {info['num_blocks']} blocks, "
+               f"{len(info['labels'])} classes, precisions {', '.join(info['precisions'])}, "
+               f"batch {info['batch']['min']}..{info['batch']['max']} (opt {info['batch']['opt']})")
+    click.echo("inputs: " + ", ".join(f"{n} {d} {s}" for n, d, s in info["inputs"]))
+    rows = [[s["stage"], f"{s['blocks'][0]}..{s['blocks'][1]}", s.get("exit_block", "final"),
+             s.get("confidence", "max_softmax"), "off" if s.get("threshold", 1) is None else s.get("threshold", "-")]
+            for s in info["stages"]]
+    click.echo(table(["stage", "blocks", "exit after block", "confidence", "threshold"], rows))
+    v = info["validation"]
+    if v:
+        click.echo(f"validation: max abs diff {v['max_abs_diff']:.3g}, chained predictions equal torch: "
+                   f"{v['chain_parity']}" if v["validated"] else "validation: skipped at export")
+    cal = info["calibration"]
+    click.echo("calibration: " + ("none (every exit is off until `freedeploy calibrate`)" if not cal else json.dumps(cal)))
+    engines = info["engines"]
+    if not engines:
+        click.echo("engines: none (build with `freedeploy build BUNDLE --target trt-fp16` on the device)")
+    for e in engines:
+        click.echo(f"engines: {e.get('key')} ({'matches this machine' if e.get('matches') else 'not for this machine'})")

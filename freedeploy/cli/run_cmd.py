@@ -1,0 +1,125 @@
+"""``freedeploy run``: a bundle on image files, folders, videos, a camera, or text. No torch needed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import click
+
+from freedeploy.cli.output import emit_json
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
+
+
+def parse_thresholds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float | None] | None:
+    if value is None:
+        return None
+    out: list[float | None] = []
+    for part in value.split(","):
+        part = part.strip().lower()
+        try:
+            out.append(None if part in ("off", "none") else float(part))
+        except ValueError:
+            raise click.BadParameter(f"expected numbers or 'off' separated by commas, got {value!r}") from None
+    return out
+
+
+def _sources(inputs: tuple[str, ...], text: bool, max_frames: int | None = None) -> Iterator[tuple[str, Any]]:
+    """(name, item) pairs: an item is an image path, an RGB frame, a text, or an Exception to report."""
+    if text:
+        for t in inputs:
+            if t == "-":
+                yield from ((f"stdin:{i + 1}", line.rstrip("\n")) for i, line in enumerate(sys.stdin) if line.strip())
+            else:
+                yield t, t
+        return
+    for src in inputs:
+        path = Path(src)
+        if src.isdigit() and not path.exists():
+            yield from _frames(int(src), f"camera{src}", max_frames)
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not files:
+                yield src, FileNotFoundError(f"no images in folder {src}")
+            yield from ((str(f), str(f)) for f in files)
+        elif path.suffix.lower() in VIDEO_SUFFIXES:
+            yield from _frames(src, src, max_frames)
+        elif path.is_file():
+            yield src, src
+        else:
+            yield src, FileNotFoundError(f"{src} does not exist")
+
+
+def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tuple[str, Any]]:
+    try:
+        import cv2
+    except ImportError:
+        yield name, ImportError("video files and cameras need OpenCV: pip install 'freedeploy[video]'")
+        return
+    cap = cv2.VideoCapture(source)
+    if not cap.isOpened():
+        yield name, OSError(f"cannot open video source {source}")
+        return
+    try:
+        i = 0
+        while max_frames is None or i < max_frames:
+            ok, frame = cap.read()
+            if not ok:
+                return
+            yield f"{name}#{i}", cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+            i += 1
+    finally:
+        cap.release()
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="[default: fp16 on TensorRT, else fp32]")
+@click.option("--thresholds", callback=parse_thresholds, help="Override the bundle's thresholds, e.g. 0.9,0.9,off.")
+@click.option("--policy", type=click.Choice(["per_sample", "batch"]), default="per_sample", show_default=True)
+@click.option("--max-frames", type=click.IntRange(1), help="Stop a video or camera after this many frames.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
+def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str, precision: str | None,
+        thresholds: list[float | None] | None, policy: str, max_frames: int | None, as_json: bool) -> None:
+    """Run a bundle on images (files, folders), a video file, a camera index, or texts ('-': stdin lines).
+
+    Prints one line per input; unreadable inputs get an error line, the rest still run, and the
+    command exits with code 10 at the end.
+    """
+    from runtimes import Runtime
+    from runtimes.errors import FreedeployError, InputError
+    from runtimes.preprocess import TextSpec
+
+    rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, policy=policy)
+    if thresholds is not None:
+        rt.thresholds = thresholds
+    text = isinstance(rt.bundle.preprocess, TextSpec)
+    records, failed = [], 0
+    for name, item in _sources(inputs, text, max_frames):
+        try:
+            if isinstance(item, Exception):
+                raise InputError(str(item))
+            p = rt.infer([item])[0]
+        except FreedeployError as exc:
+            failed += 1
+            records.append({"input": name, "error": str(exc)})
+            if not as_json:
+                click.echo(f"{name}: error: {exc}", err=True)
+            continue
+        rec = {"input": name, "label": p.label, "class": p.class_index, "confidence": round(p.confidence, 6),
+               "exit": p.exit, "block": p.block}
+        records.append(rec)
+        if not as_json:
+            where = "final head" if p.exit == len(rt.bundle.exits) else f"exit {p.exit}"
+            click.echo(f"{name}: {p.label}  (confidence {p.confidence:.3f}, {where}, block {p.block}/{rt.bundle.num_blocks})")
+    if as_json:
+        emit_json(records)
+    if failed:
+        raise click.exceptions.Exit(InputError.exit_code)

@@ -1,0 +1,109 @@
+"""``freedeploy train``."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import click
+
+from freedeploy.cli.output import emit_json, note, table
+
+EXITS_RE = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
+
+
+def parse_exits(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if not EXITS_RE.match(value):
+        raise click.BadParameter(f"expected comma-separated block numbers such as 2,4,6, got {value!r}")
+    return tuple(int(v) for v in value.split(","))
+
+
+def parse_overrides(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> tuple[tuple[str, Any], ...]:
+    out = []
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}")
+        out.append((key.strip(), _literal(raw.strip())))
+    return tuple(out)
+
+
+def _literal(raw: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(raw.lower(), raw)
+
+
+@click.command()
+@click.option("--model", default="vit-tiny", show_default=True,
+              help="Preset (vit-tiny, deit-tiny, clip-tiny, bert-tiny), local Hugging Face directory or hub id, "
+                   "or an earlier run dir (its backbone and final head are reused).")
+@click.option("--data", default="digits", show_default=True,
+              help="digits | tweets | imagefolder:PATH | text:PATH[?text=COL&label=COL&encoding=ENC]")
+@click.option("--exits", callback=parse_exits, help="1-based blocks whose output feeds an exit, e.g. 2,4,6 "
+              "[default: quarter points of the depth]")
+@click.option("--out", "out", type=click.Path(), help="Run dir to write [default: runs/<data>-<model>].")
+@click.option("--objective", type=click.Choice(["free", "ce+kd", "ce"]), default="free", show_default=True,
+              help="Exit loss: FREE (CE + distillation + adversarial), or an ablation.")
+@click.option("--labelled-fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+              help="Share of the training split whose labels are used; the rest trains exits without labels.")
+@click.option("--finetune-epochs", type=click.IntRange(min=0),
+              help="Stage 1 epochs [default: 0 if the classifier is trained, 3 for pretrained weights, "
+                   "40 from scratch].")
+@click.option("--exit-epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Stage 2 epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", "finetune_lr", type=float, help="Stage 1 learning rate [default: 5e-5 pretrained, 5e-4 scratch].")
+@click.option("--exit-lr", type=float, default=5e-4, show_default=True, help="Stage 2 learning rate.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True)
+@click.option("--kd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option("--adv-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
+@click.option("--adv-warmup", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
+              help="Share of stage 2 trained before the adversarial term ramps in.")
+@click.option("--exit-init", type=click.Choice(["copy", "random"]), default="copy", show_default=True)
+@click.option("--augment", type=click.Choice(["auto", "shift", "none"]), default="auto", show_default=True,
+              help="Training augmentation; auto: random shifts for images, none for text.")
+@click.option("--max-length", type=click.IntRange(min=2), help="Text: tokens per sequence [default: 99th percentile].")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--split-seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--preset-config", multiple=True, callback=parse_overrides, metavar="KEY=VALUE",
+              help="Override a preset's config field (repeatable), e.g. hidden_size=64.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run dir (only once the new one is complete).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
+@click.option("--no-progress", is_flag=True, help="Hide progress bars.")
+def train(as_json: bool, no_progress: bool, out: str | None, **options: Any) -> None:
+    """Train FREE early exits on a transformer and write a run dir."""
+    from freedeploy.train import TrainConfig, train as run_train
+
+    if options["device"] == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            from runtimes.errors import ConfigError
+
+            raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
+    out = out or f"runs/{_slug(options['data'])}-{_slug(options['model'])}"
+    cfg = TrainConfig(out=out, progress=not no_progress, **options)
+    result = run_train(cfg, on_stage=None if as_json else note)
+    if as_json:
+        emit_json({"out": str(result.out), "metrics": result.metrics, "config": result.resolved})
+        return
+    click.echo(summary(result.metrics["test"], result.resolved["exits"]))
+    click.echo(f"\nwrote {result.out} in {result.seconds:.0f} s")
+    click.echo(f"next: freedeploy export {result.out} --target onnx --out bundles/{result.out.name}")
+
+
+def summary(m: dict[str, Any], exits: list[int]) -> str:
+    rows = [[f"exit {e['exit']}", e["accuracy"], e["agreement"]] for e in m["exits"]]
+    rows.append(["final", m["final_accuracy"], 1.0])
+    text = table(["head", "test accuracy", "agreement with final"], rows)
+    return f"{text}\noverthinking rate: {m['overthinking_rate']:.4f}  (n = {m['n']} test samples)"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text.rstrip("/").split("/")[-1].split(":")[-1]).strip("-") or "run"

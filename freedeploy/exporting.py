@@ -1,0 +1,43 @@
+"""Glue between a run dir and ``exporters.export_bundle``: load the model, encode the data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from exporters.export import ExportConfig, ExportData, ExportResult, export_bundle
+from freedeploy.data import load_dataset, split_digest
+from freedeploy.inputs import TOKENIZER_FILE, Encoder
+from freedeploy.rundir import load_run
+from runtimes.errors import DataError
+
+__all__ = ["export_run", "run_split"]
+
+
+def run_split(info: Any, split: str, data_spec: str | None = None) -> tuple[Any, np.ndarray]:
+    """The data set and row indices of one split of a run, checked against the run's fingerprint."""
+    data = load_dataset(data_spec or info.data["spec"])
+    splits = info.splits()
+    if split not in splits:
+        raise DataError(f"run {info.path} has no split {split!r}; it has {sorted(splits)}")
+    idx = np.asarray(splits[split], dtype=np.int64)
+    if data_spec is None and split_digest(idx) != info.data["split_digests"].get(split, split_digest(idx)):
+        raise DataError(f"the {split} split of {info.path} does not match its recorded fingerprint")
+    if len(idx) and idx.max() >= len(data):
+        raise DataError(f"data set {data.spec!r} has {len(data)} rows, fewer than run {info.path} was trained on")
+    return data, idx
+
+
+def export_run(run_dir: Path, out: Path, progress: Callable[[str], None] | None = None, **settings: Any) -> ExportResult:
+    model, info = load_run(run_dir)
+    cfg = ExportConfig(**settings)
+    data, test_idx = run_split(info, "test")
+    _, train_idx = run_split(info, "train")
+    calib_idx = np.sort(np.random.default_rng(0).permutation(train_idx)[:cfg.calib_samples])
+    encode = Encoder(data, info.preprocess, info.path)
+    arrays = ExportData(test=encode(test_idx), test_labels=data.labels[test_idx], calib=encode(calib_idx))
+    run = {**info.manifest, "num_blocks": model.num_blocks}
+    extra = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE} if (run_dir / TOKENIZER_FILE).is_file() else {}
+    return export_bundle(model, run, arrays, out, cfg, extra_files=extra, progress=progress)

@@ -1,0 +1,342 @@
+"""``freedeploy train``: stage 1 fine-tunes backbone + final head (optional), stage 2 trains the
+FREE exit heads on the frozen backbone. Reads top to bottom: config, resolve, stages, evaluate, run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from freedeploy.backbones import Backbone, load_backbone
+from freedeploy.data import Dataset, labelled_subset, load_dataset, make_splits, split_digest, SPLIT_FRACTIONS
+from freedeploy.distributed import DistContext
+from freedeploy.free import ExitObjective, LossWeights
+from freedeploy.inputs import Encoder, make_preprocess
+from freedeploy.metrics import exit_metrics
+from freedeploy.model import EarlyExitModel, additive_mask, check_exits
+from freedeploy.rundir import save_run
+from runtimes.preprocess import ImageSpec
+from runtimes.atomic import atomic_directory
+from runtimes.errors import ConfigError
+
+__all__ = ["TrainConfig", "TrainResult", "train", "default_exits"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "vit-tiny"  # preset, local Hugging Face dir or hub id, or an earlier run dir
+    data: str = "digits"  # a data spec, see freedeploy.data
+    out: str = "runs/run"
+    exits: tuple[int, ...] | None = None  # 1-based blocks; None: the quarter points of the depth
+    objective: str = "free"  # free | ce+kd | ce
+    labelled_fraction: float = 1.0  # the rest of the training split is used without labels
+    finetune_epochs: int | None = None  # stage 1; None: 0 for a trained head, 3 pretrained, 40 scratch
+    exit_epochs: int = 10  # stage 2, in passes over the whole training split
+    batch_size: int = 32  # global, summed over DDP ranks
+    finetune_lr: float | None = None  # None: 5e-5 for pretrained weights, 5e-4 from scratch
+    exit_lr: float = 5e-4
+    weight_decay: float = 0.01
+    warmup: float = 0.05  # fraction of each stage's steps with a linear learning-rate warm-up
+    temperature: float = 2.0  # distillation temperature
+    kd_weight: float = 1.0
+    adv_weight: float = 0.1  # adversarial (FREE) weight once ramped in
+    adv_warmup: float = 0.2  # fraction of stage-2 steps trained without the adversarial term
+    exit_init: str = "copy"  # exit block initialised from a copy of the next backbone block, or random
+    augment: str = "auto"  # shift | none; auto: random shifts for images, none for text
+    max_length: int | None = None  # text: tokens per sequence; None: 99th percentile of the data
+    seed: int = 0  # model init, labelled subset and batch order
+    split_seed: int = 0  # train/val/test split; keep it fixed across runs that are compared
+    device: str = "auto"  # cpu | cuda | auto
+    preset_config: tuple[tuple[str, Any], ...] = ()  # config overrides for presets, e.g. hidden_size
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    metrics: dict[str, Any]
+    resolved: dict[str, Any]
+    seconds: float
+    ranks: list[str] = field(default_factory=list)  # per-rank weight digests (all equal under DDP)
+
+
+def default_exits(num_blocks: int) -> tuple[int, ...]:
+    """Quarter points of the depth (8 blocks -> 2, 4, 6), deduplicated and kept in range."""
+    return tuple(sorted({min(num_blocks - 1, max(1, round(num_blocks * q / 4))) for q in (1, 2, 3)}))
+
+
+def _resolve(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
+    """Fill every 'auto' setting; the result is what the run dir records."""
+    num_blocks = backbone.adapter.num_blocks(backbone.hf)
+    exits = check_exits(cfg.exits, num_blocks) if cfg.exits is not None else default_exits(num_blocks)
+    epochs = cfg.finetune_epochs
+    if epochs is None:
+        epochs = 0 if not backbone.head_is_new else (3 if backbone.pretrained else 40)
+    augment = cfg.augment
+    if augment == "auto":
+        augment = "shift" if backbone.adapter.modality == "image" else "none"
+    elif augment == "shift" and backbone.adapter.modality != "image":
+        raise ConfigError("--augment shift applies to image models only")
+    if epochs < 0 or cfg.exit_epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError("epochs must be >= 0 (stage 1) and >= 1 (stage 2), batch size >= 1")
+    if epochs == 0 and backbone.head_is_new:
+        raise ConfigError(f"{backbone.source} has no trained classifier for these labels: stage 1 is needed "
+                          "(--finetune-epochs > 0)")
+    lr = cfg.finetune_lr if cfg.finetune_lr is not None else (5e-5 if backbone.pretrained else 5e-4)
+    return replace(cfg, exits=exits, finetune_epochs=epochs, finetune_lr=lr, augment=augment)
+
+
+def _batches(pool: np.ndarray, batch_size: int, steps: int, rng: np.random.Generator,
+             ctx: DistContext) -> Iterator[np.ndarray]:
+    """``steps`` global batches drawn epoch by epoch from ``pool``; yields this rank's shard of each."""
+    done = 0
+    while done < steps:
+        order = rng.permutation(pool)
+        for i in range(0, len(order), batch_size):
+            batch = order[i:i + batch_size]
+            if len(batch) < ctx.world_size:
+                continue  # every rank needs at least one row
+            yield ctx.shard(batch)
+            done += 1
+            if done == steps:
+                return
+
+
+def _schedule(opt: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then cosine decay to zero."""
+    w = max(1, int(steps * warmup))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w))))
+
+
+def random_shift(x: torch.Tensor, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Pad-and-crop augmentation: shift each image by up to 1/16 of its size, filling with black.
+
+    x: (B, C, H, W) normalised pixels; fill: (C,) the normalised value of a black pixel.
+    """
+    b, c, h, w = x.shape
+    m = max(1, min(h, w) // 16)  # mild: 2 px at 32 px, 14 px at 224 px
+    padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * m, w + 2 * m).clone()
+    padded[:, :, m:m + h, m:m + w] = x
+    offsets = torch.randint(0, 2 * m + 1, (b, 2), generator=gen).tolist()
+    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
+class _Batches:
+    """Encodes rows, moves them to the device and applies the training augmentation."""
+
+    def __init__(self, encode: Encoder, augment: str, device: torch.device, seed: int) -> None:
+        self.encode, self.device = encode, device
+        spec = encode.spec
+        self.fill = None
+        if augment == "shift" and isinstance(spec, ImageSpec):
+            self.fill = torch.tensor([-m / s for m, s in zip(spec.mean, spec.std)], dtype=torch.float32)
+            self.key = spec.input_name
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
+        tensors = {k: torch.from_numpy(v) for k, v in self.encode(idx).items()}
+        if self.fill is not None:
+            tensors[self.key] = random_shift(tensors[self.key], self.fill, self.gen)
+        return {k: v.to(self.device) for k, v in tensors.items()}
+
+
+def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def finetune(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool: np.ndarray,
+             cfg: TrainConfig, ctx: DistContext) -> None:
+    """Stage 1: backbone + final head on the labelled rows, plain cross-entropy."""
+    steps = cfg.finetune_epochs * math.ceil(len(pool) / cfg.batch_size)
+    hf = model.hf.train()
+    net = ctx.wrap(hf)
+    opt = torch.optim.AdamW(hf.parameters(), lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, steps, cfg.warmup)
+    rng = np.random.default_rng(cfg.seed)
+    batch = _Batches(encode, cfg.augment, ctx.device, cfg.seed + ctx.rank)
+    y_all = torch.from_numpy(labels)
+    with _bar(steps, "stage 1: fine-tune", cfg.progress and ctx.is_main) as bar:
+        for idx in _batches(pool, cfg.batch_size, steps, rng, ctx):
+            logits = net(**batch(idx)).logits
+            loss = F.cross_entropy(logits, y_all[idx].to(ctx.device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    hf.eval()
+
+
+def train_exits(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool: np.ndarray,
+                labelled: np.ndarray, cfg: TrainConfig, ctx: DistContext) -> None:
+    """Stage 2: exit heads (and the discriminator) on the frozen backbone."""
+    weights = LossWeights.for_objective(cfg.objective, kd=cfg.kd_weight, adv=cfg.adv_weight,
+                                        temperature=cfg.temperature, adv_warmup=cfg.adv_warmup)
+    model.hf.eval().requires_grad_(False)
+    objective = ExitObjective(model.heads, model.feature_dim, weights).to(ctx.device).train()
+    net = ctx.wrap(objective)
+    steps = cfg.exit_epochs * math.ceil(len(pool) / cfg.batch_size)
+    opt = torch.optim.AdamW(model.heads.parameters(), lr=cfg.exit_lr, weight_decay=cfg.weight_decay)
+    sched = _schedule(opt, steps, cfg.warmup)
+    opt_d = torch.optim.AdamW(objective.disc.parameters(), lr=cfg.exit_lr, betas=(0.5, 0.999)) \
+        if objective.disc is not None else None
+    is_labelled = np.zeros(len(labels), dtype=bool)
+    is_labelled[labelled] = True
+    rng = np.random.default_rng(cfg.seed + 1)
+    batch = _Batches(encode, cfg.augment, ctx.device, cfg.seed + 1 + ctx.rank)
+    with _bar(steps, f"stage 2: exits ({cfg.objective})", cfg.progress and ctx.is_main) as bar:
+        for step, idx in enumerate(_batches(pool, cfg.batch_size, steps, rng, ctx)):
+            inputs = batch(idx)
+            with torch.no_grad():
+                out = model(inputs, run_heads=False)
+            mask = additive_mask(inputs.get("attention_mask"), out.logits.dtype)
+            loss, stats = net("heads", hidden=out.exit_hidden, mask=mask, teacher=out.logits,
+                              labels=torch.from_numpy(labels[idx]).to(ctx.device),
+                              labelled=torch.from_numpy(is_labelled[idx]).to(ctx.device),
+                              adv_weight=weights.adv_at(step / steps))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            postfix = {"loss": f"{loss.item():.3f}"}
+            if opt_d is not None:
+                d_loss, _ = net("disc", real=out.feature, fakes=stats["features"])
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+                postfix["d_loss"] = f"{d_loss.item():.3f}"
+            bar.update()
+            bar.set_postfix(postfix)
+    model.eval()
+
+
+@torch.no_grad()
+def predict(model: EarlyExitModel, encode: Encoder, indices: np.ndarray, device: torch.device,
+            batch_size: int = 256) -> tuple[list[np.ndarray], np.ndarray]:
+    """Per-exit and final predicted classes for the given rows."""
+    exit_preds: list[list[np.ndarray]] = [[] for _ in model.exits]
+    final = []
+    for i in range(0, len(indices), batch_size):
+        out = model(_to_device(encode(indices[i:i + batch_size]), device))
+        for k, logits in enumerate(out.exit_logits):
+            exit_preds[k].append(logits.argmax(-1).cpu().numpy())
+        final.append(out.logits.argmax(-1).cpu().numpy())
+    return [np.concatenate(p) for p in exit_preds], np.concatenate(final)
+
+
+def evaluate(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, indices: np.ndarray,
+             device: torch.device) -> dict[str, Any]:
+    exit_preds, final = predict(model, encode, indices, device)
+    return exit_metrics(exit_preds, final, labels[indices], model.exits)
+
+
+def _weights_digest(model: EarlyExitModel) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from freedeploy import __version__
+
+    return {"freedeploy": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def train(cfg: TrainConfig, on_stage: Callable[[str], None] | None = None) -> TrainResult:
+    """Run both stages and write the run dir atomically; returns the test metrics."""
+    t0 = time.perf_counter()
+    ctx = DistContext.start(cfg.device)
+    try:
+        torch.manual_seed(cfg.seed)
+        data = load_dataset(cfg.data)
+        backbone = load_backbone(cfg.model, data.label_names, dict(cfg.preset_config))
+        cfg = _resolve(cfg, backbone)
+        splits = make_splits(data.labels, seed=cfg.split_seed)
+        labelled = labelled_subset(splits["train"], data.labels, cfg.labelled_fraction, cfg.seed)
+        model = EarlyExitModel(backbone.hf, backbone.adapter, cfg.exits, exit_init=cfg.exit_init).to(ctx.device)
+        with atomic_directory(cfg.out, overwrite=cfg.overwrite) if ctx.is_main else _scratch() as out_dir:
+            spec = make_preprocess(backbone, data, splits["train"], out_dir, cfg.max_length)
+            encode = Encoder(data, spec, out_dir)
+            if cfg.finetune_epochs:
+                _notify(on_stage, f"stage 1: fine-tuning {backbone.source} on {len(labelled)} labelled samples")
+                finetune(model, encode, data.labels, labelled, cfg, ctx)
+                model.reset_heads()  # exit blocks start from the fine-tuned next block
+                model.to(ctx.device)
+            pool = labelled if cfg.objective == "ce" else splits["train"]
+            _notify(on_stage, f"stage 2: training exits {list(cfg.exits)} with objective {cfg.objective}")
+            train_exits(model, encode, data.labels, pool, labelled, cfg, ctx)
+            ranks = [str(d) for d in ctx.all_gather(_weights_digest(model))]
+            metrics = {"test": evaluate(model, encode, data.labels, splits["test"], ctx.device),
+                       "val": evaluate(model, encode, data.labels, splits["val"], ctx.device)}
+            resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
+            resolved["preset_config"] = dict(cfg.preset_config)
+            if ctx.is_main:
+                metrics["train_seconds"] = round(time.perf_counter() - t0, 1)
+                if ctx.enabled:
+                    metrics["ddp"] = {"world_size": ctx.world_size, "rank_weight_digests": ranks}
+                save_run(out_dir, model.cpu(), _manifest(cfg, backbone, data, spec, splits, labelled, resolved),
+                         {**{k: v for k, v in splits.items()}, "labelled": labelled}, metrics)
+        ctx.barrier()
+        return TrainResult(Path(cfg.out), metrics, resolved, time.perf_counter() - t0, ranks)
+    finally:
+        ctx.close()
+
+
+def _manifest(cfg: TrainConfig, backbone: Backbone, data: Dataset, spec: Any, splits: dict[str, np.ndarray],
+              labelled: np.ndarray, resolved: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "labels": list(data.label_names),
+        "preprocess": spec.to_dict(),
+        "data": {"spec": data.spec, "modality": data.modality, "size": len(data), "split_seed": cfg.split_seed,
+                 "split_fractions": list(SPLIT_FRACTIONS), "labelled": len(labelled),
+                 "split_sizes": {k: int(len(v)) for k, v in splits.items()},
+                 "split_digests": {k: split_digest(v) for k, v in splits.items()}},
+        "source_model": backbone.source,
+        "train_config": resolved,
+        "versions": _versions(),
+    }
+
+
+def _notify(on_stage: Callable[[str], None] | None, message: str) -> None:
+    log.info(message)
+    if on_stage is not None:
+        on_stage(message)
+
+
+class _scratch:
+    """Non-main DDP ranks write nothing: a throwaway directory stands in for the run dir."""
+
+    def __enter__(self) -> Path:
+        import tempfile
+
+        self._tmp = tempfile.TemporaryDirectory(prefix="freedeploy-rank-")
+        return Path(self._tmp.name)
+
+    def __exit__(self, *exc: object) -> None:
+        self._tmp.cleanup()

@@ -1,0 +1,144 @@
+"""ONNX Runtime backend: CPU, or CUDA through ``onnxruntime-gpu``.
+
+On the CPU every session's intra-op threads have spinning switched off: idle pools that spin-wait
+steal the cores from the next session in a chain, which made a chain of sessions 2-3x slower
+than one monolithic session on 2 cores. ONNX Runtime's process-wide global thread pool solves the
+same problem, but once created it forces every other session in the process (the application's
+own, ONNX Runtime's quantizer) to opt out of per-session threads or fail, so an embeddable runtime
+must not create it; ``shared_pool=True`` opts in for processes that run nothing else.
+
+State tensors are numpy arrays: on the CPU feeding numpy is as fast
+as OrtValues or I/O binding. On CUDA the tensors stay on the device as OrtValues bound through
+I/O binding; compaction there goes through the host (a copy of the surviving rows).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtimes.backends.base import Backend
+from runtimes.bundle import Bundle
+from runtimes.errors import BackendUnavailableError, ConfigError
+
+__all__ = ["OrtBackend"]
+
+log = logging.getLogger(__name__)
+
+_GLOBAL_POOL: int | None = None  # threads of the process-wide pool once set (ONNX Runtime allows it once)
+
+
+def _import_ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            "the onnxruntime backend needs ONNX Runtime: pip install onnxruntime (CPU) or onnxruntime-gpu "
+            "(CUDA; never both in one environment)") from exc
+    return onnxruntime
+
+
+def _global_pool(ort: Any, threads: int) -> bool:
+    """Create ONNX Runtime's global thread pool once per process; False when it cannot be used."""
+    global _GLOBAL_POOL
+    if _GLOBAL_POOL is not None:
+        return _GLOBAL_POOL == threads
+    try:
+        ort.set_global_thread_pool_sizes(threads, 1)
+    except (AttributeError, RuntimeError) as exc:  # too late (environment exists) or not in this build
+        log.debug("global thread pool unavailable: %s", exc)
+        _GLOBAL_POOL = -1
+        return False
+    _GLOBAL_POOL = threads
+    return True
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+    devices = ("cpu", "cuda")
+
+    def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
+                 graphs: Sequence[str] | None = None, session_config: dict[str, str] | None = None,
+                 optimization: str = "all", shared_pool: bool = False, **options: Any) -> None:
+        super().__init__(bundle, precision, device, **options)
+        ort = _import_ort()
+        self._ort = ort
+        self.cuda = device.startswith("cuda")
+        if self.cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise BackendUnavailableError("device cuda needs onnxruntime-gpu (with CUDA and cuDNN); this onnxruntime "
+                                          f"offers {ort.get_available_providers()}")
+        self.device_id = int(device.split(":")[1]) if ":" in device else 0
+        self.threads = threads or min(os.cpu_count() or 1, 8)
+        self.shared_pool = shared_pool and not self.cuda and _global_pool(ort, self.threads)
+        self.sessions = {key: self._session(key, session_config or {}, optimization)
+                         for key in (graphs or bundle.graph_keys())}
+
+    def _session(self, key: str, config: dict[str, str], optimization: str) -> Any:
+        ort = self._ort
+        opts = ort.SessionOptions()
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if optimization not in levels:
+            raise ConfigError(f"optimization must be one of {sorted(levels)}, got {optimization!r}")
+        opts.graph_optimization_level = levels[optimization]
+        opts.log_severity_level = 3
+        if self.shared_pool:
+            opts.use_per_session_threads = False
+        else:
+            opts.intra_op_num_threads = self.threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for k, v in config.items():
+            opts.add_session_config_entry(k, v)
+        providers = ([("CUDAExecutionProvider", {"device_id": self.device_id})] if self.cuda else []) + \
+            ["CPUExecutionProvider"]
+        path = self.bundle.path(self.bundle.graph(key).files[self.precision])
+        try:
+            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # ORT raises its own exception types for unreadable models
+            from runtimes.errors import BundleError
+
+            raise BundleError(f"ONNX Runtime cannot load {path.name} ({key}): {str(exc).splitlines()[0]}") from exc
+
+    def start(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
+        state = dict(inputs)
+        if self.cuda:
+            state = {k: self._ort.OrtValue.ortvalue_from_numpy(v, "cuda", self.device_id) for k, v in state.items()}
+        return state
+
+    def run(self, graph: str, state: dict[str, Any]) -> None:
+        sess = self.sessions[graph]
+        spec = self.bundle.graph(graph)
+        if not self.cuda:
+            outs = sess.run([t.name for t in spec.outputs], {t.name: state[t.name] for t in spec.inputs})
+            state.update(zip((t.name for t in spec.outputs), outs))
+            return
+        binding = sess.io_binding()
+        for t in spec.inputs:
+            binding.bind_ortvalue_input(t.name, state[t.name])
+        for t in spec.outputs:
+            binding.bind_output(t.name, "cuda", self.device_id)
+        sess.run_with_iobinding(binding)
+        state.update(zip((t.name for t in spec.outputs), binding.get_outputs()))
+
+    def fetch(self, state: dict[str, Any], names: Sequence[str]) -> dict[str, np.ndarray]:
+        if not self.cuda:
+            return {n: state[n] for n in names}
+        return {n: state[n].numpy() for n in names}
+
+    def compact(self, state: dict[str, Any], keep: np.ndarray) -> None:
+        for name, value in list(state.items()):
+            if self.cuda:
+                state[name] = self._ort.OrtValue.ortvalue_from_numpy(
+                    np.ascontiguousarray(value.numpy()[keep]), "cuda", self.device_id)
+            else:
+                state[name] = value[keep]
+
+    def close(self) -> None:
+        self.sessions.clear()
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "threads": self.threads, "shared_thread_pool": self.shared_pool,
+                "providers": self.sessions[next(iter(self.sessions))].get_providers() if self.sessions else []}

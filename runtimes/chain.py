@@ -1,0 +1,116 @@
+"""The early-exit loop, written once for every backend.
+
+Run segment k, run exit k, read the confidences, keep going only for the rows that have not
+exited. Policies:
+
+- ``per_sample`` (default): rows that exit are dropped before the next segment (compaction), so
+  later segments run on the remaining rows only;
+- ``batch``: rows keep their first exit's answer, but the whole batch continues until every row
+  has exited; nothing is compacted (what a single ONNX ``If`` or TensorRT conditional can do).
+
+An exit whose threshold is None never fires and its head is not run at all.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from runtimes.backends.base import Backend
+from runtimes.bundle import Bundle
+from runtimes.errors import ConfigError
+
+__all__ = ["POLICIES", "ChainOutput", "RecordOutput", "run_chain", "record_chain", "run_full"]
+
+POLICIES = ("per_sample", "batch")
+
+
+@dataclass
+class ChainOutput:
+    classes: np.ndarray  # (B,) int64 predicted class
+    confidences: np.ndarray  # (B,) float32 confidence at the exit taken
+    exits: np.ndarray  # (B,) int64: exit index 0..K-1, or K for the final head
+    timings: dict[str, float]  # graph key -> seconds spent in it during this call
+
+
+@dataclass
+class RecordOutput:
+    confidences: np.ndarray  # (B, K + 1) every exit's confidence, then the final head's
+    predictions: np.ndarray  # (B, K + 1) every exit's predicted class, then the final head's
+
+
+def _timed(backend: Backend, key: str, state: object, timings: dict[str, float]) -> None:
+    t0 = time.perf_counter()
+    backend.run(key, state)
+    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+
+
+def run_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
+              thresholds: Sequence[float | None], policy: str = "per_sample") -> ChainOutput:
+    """Early-exit inference for one batch (batch size <= the bundle's max)."""
+    if policy not in POLICIES:
+        raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    n = len(next(iter(inputs.values())))
+    k_final = len(bundle.stages) - 1
+    classes = np.zeros(n, dtype=np.int64)
+    conf = np.zeros(n, dtype=np.float32)
+    exits = np.full(n, k_final, dtype=np.int64)
+    open_rows = np.ones(n, dtype=bool)  # `batch` policy: rows that have not exited yet
+    alive = np.arange(n)  # original row index of every row in the state
+    timings: dict[str, float] = {}
+    state = backend.start(inputs)
+    for stage in bundle.stages[:-1]:
+        k = stage.index
+        _timed(backend, f"segment_{k}", state, timings)
+        if thresholds[k] is None:
+            continue
+        _timed(backend, f"exit_{k}", state, timings)
+        out = backend.fetch(state, [f"confidence_{k}", f"prediction_{k}"])
+        fire = out[f"confidence_{k}"] >= thresholds[k]
+        if policy == "batch":
+            fire &= open_rows[alive]
+        rows = alive[fire]
+        classes[rows], conf[rows], exits[rows] = out[f"prediction_{k}"][fire], out[f"confidence_{k}"][fire], k
+        open_rows[rows] = False
+        if policy == "per_sample" and fire.any():
+            alive = alive[~fire]
+            if len(alive) == 0:
+                return ChainOutput(classes, conf, exits, timings)
+            backend.compact(state, np.flatnonzero(~fire))
+        elif policy == "batch" and not open_rows.any():
+            return ChainOutput(classes, conf, exits, timings)
+    _timed(backend, f"segment_{k_final}", state, timings)
+    out = backend.fetch(state, ["confidence", "prediction"])
+    last = open_rows[alive]
+    rows = alive[last]
+    classes[rows], conf[rows] = out["prediction"][last], out["confidence"][last]
+    return ChainOutput(classes, conf, exits, timings)
+
+
+def record_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray]) -> RecordOutput:
+    """Every exit and the final head on every row: what calibration and validation evaluate offline."""
+    state = backend.start(inputs)
+    names = []
+    for stage in bundle.stages:
+        backend.run(f"segment_{stage.index}", state)
+        if stage.exit is not None:
+            backend.run(f"exit_{stage.index}", state)
+            names.append((f"confidence_{stage.index}", f"prediction_{stage.index}"))
+    names.append(("confidence", "prediction"))
+    out = backend.fetch(state, [n for pair in names for n in pair])
+    return RecordOutput(np.stack([out[c] for c, _ in names], axis=1).astype(np.float32),
+                        np.stack([out[p] for _, p in names], axis=1).astype(np.int64))
+
+
+def run_full(backend: Backend, inputs: dict[str, np.ndarray]) -> ChainOutput:
+    """The monolithic ``full`` graph: the baseline every early-exit figure is compared with."""
+    timings: dict[str, float] = {}
+    state = backend.start(inputs)
+    _timed(backend, "full", state, timings)
+    out = backend.fetch(state, ["confidence", "prediction"])
+    n = len(out["prediction"])
+    return ChainOutput(out["prediction"].astype(np.int64), out["confidence"].astype(np.float32),
+                       np.full(n, -1, dtype=np.int64), timings)

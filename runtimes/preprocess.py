@@ -1,0 +1,171 @@
+"""Turn raw inputs (images, text) into the arrays a model's first segment takes.
+
+Training, export validation, calibration and the runtime all call these functions, so a model
+sees exactly the same numbers in every stage of its life. Only numpy, Pillow and (for text) the
+``tokenizers`` library are used: no torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtimes.errors import ConfigError, InputError
+
+__all__ = ["ImageSpec", "TextSpec", "spec_from_dict", "encode_images", "TextEncoder"]
+
+_RESAMPLE = ("nearest", "bilinear", "bicubic")
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """How an image becomes ``pixel_values``: resize, scale to [0, 1], normalise, NCHW float32."""
+
+    size: tuple[int, int]  # (height, width) in pixels, the model's input size
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per channel, applied after scaling to [0, 1]
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    channels: int = 3  # grayscale inputs are repeated, alpha is dropped
+    resample: str = "bilinear"  # Pillow filter used for resizing
+    input_name: str = "pixel_values"
+    kind: str = field(default="image", init=False)
+
+    def __post_init__(self) -> None:
+        if self.resample not in _RESAMPLE:
+            raise ConfigError(f"image resample must be one of {_RESAMPLE}, got {self.resample!r}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ConfigError(f"image mean/std need {self.channels} values each")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    """How text becomes ``input_ids`` and ``attention_mask``: the model's own tokenizer, padded."""
+
+    tokenizer_file: str  # tokenizer.json (Hugging Face `tokenizers` format), relative to its dir
+    max_length: int  # every sequence is truncated and padded to this many tokens
+    pad_id: int = 0
+    input_names: tuple[str, str] = ("input_ids", "attention_mask")
+    kind: str = field(default="text", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def spec_from_dict(data: dict[str, Any]) -> ImageSpec | TextSpec:
+    """Rebuild a preprocessing spec from its ``to_dict()`` form."""
+    data = dict(data)
+    kind = data.pop("kind", None)
+    if kind == "image":
+        return ImageSpec(
+            size=tuple(data["size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            channels=int(data["channels"]),
+            resample=data["resample"],
+            input_name=data["input_name"],
+        )
+    if kind == "text":
+        return TextSpec(
+            tokenizer_file=data["tokenizer_file"],
+            max_length=int(data["max_length"]),
+            pad_id=int(data["pad_id"]),
+            input_names=tuple(data["input_names"]),
+        )
+    raise ConfigError(f"unknown preprocessing kind {kind!r}: expected 'image' or 'text'")
+
+
+def _to_uint8_hwc(item: Any) -> np.ndarray:
+    """Accept a path, a PIL image or an HW / HWC uint8 array; return an HWC uint8 array."""
+    if isinstance(item, (str, os.PathLike)):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(item) as img:
+                img.load()
+                item = img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise InputError(f"cannot read image {os.fspath(item)}: {exc}") from exc
+    if hasattr(item, "mode") and hasattr(item, "size"):  # a PIL image
+        item = np.asarray(item.convert("RGB") if item.mode not in ("L", "RGB") else item)
+    if not isinstance(item, np.ndarray):
+        raise InputError(f"expected an image path, a PIL image or a uint8 array, got {type(item).__name__}")
+    if item.dtype != np.uint8:
+        raise InputError(
+            f"image arrays must be uint8 (HW or HWC), got {item.dtype}; pass already-normalised "
+            "float tensors as a dict of model inputs instead"
+        )
+    if item.ndim == 2:
+        item = item[:, :, None]
+    if item.ndim != 3 or item.shape[2] not in (1, 3, 4) or min(item.shape[:2]) < 1:
+        raise InputError(f"image arrays must be HW or HWC with 1, 3 or 4 channels, got shape {item.shape}")
+    return item
+
+
+def _resize(img: np.ndarray, size: tuple[int, int], resample: str) -> np.ndarray:
+    if img.shape[:2] == tuple(size):
+        return img
+    from PIL import Image
+
+    filt = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+            "bicubic": Image.Resampling.BICUBIC}[resample]
+    channels = [np.asarray(Image.fromarray(img[:, :, c]).resize(size[::-1], filt)) for c in range(img.shape[2])]
+    return np.stack(channels, axis=2)
+
+
+def encode_images(spec: ImageSpec, items: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Images -> ``{spec.input_name: float32 (B, C, H, W)}``."""
+    out = np.empty((len(items), spec.channels, *spec.size), dtype=np.float32)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    for i, item in enumerate(items):
+        img = _to_uint8_hwc(item)
+        if img.shape[2] == 4:
+            img = img[:, :, :3]
+        if img.shape[2] != spec.channels:
+            img = np.repeat(img[:, :, :1], spec.channels, axis=2) if img.shape[2] == 1 else img.mean(
+                axis=2, keepdims=True).round().astype(np.uint8)
+        img = _resize(img, spec.size, spec.resample)
+        out[i] = (img.transpose(2, 0, 1).astype(np.float32) / 255.0 - mean) / std
+    return {spec.input_name: out}
+
+
+class TextEncoder:
+    """Tokenise text with the tokenizer file a run dir or bundle carries."""
+
+    def __init__(self, spec: TextSpec, base_dir: str | os.PathLike) -> None:
+        try:
+            from tokenizers import Tokenizer
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigError("text models need the 'tokenizers' package: pip install 'freedeploy[text]'") from exc
+        path = Path(base_dir) / spec.tokenizer_file
+        if not path.is_file():
+            raise ConfigError(f"tokenizer file {path} is missing")
+        self.spec = spec
+        self._tok = Tokenizer.from_file(str(path))
+        self._tok.enable_truncation(max_length=spec.max_length)
+        self._tok.enable_padding(length=spec.max_length, pad_id=spec.pad_id)
+
+    def lengths(self, texts: Sequence[str]) -> np.ndarray:
+        """Token counts before truncation or padding (used to pick ``max_length``)."""
+        self._tok.no_truncation()
+        self._tok.no_padding()
+        try:
+            return np.array([len(e.ids) for e in self._tok.encode_batch(list(texts))], dtype=np.int64)
+        finally:
+            self._tok.enable_truncation(max_length=self.spec.max_length)
+            self._tok.enable_padding(length=self.spec.max_length, pad_id=self.spec.pad_id)
+
+    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        for t in texts:
+            if not isinstance(t, str):
+                raise InputError(f"text inputs must be str, got {type(t).__name__}")
+        enc = self._tok.encode_batch(list(texts))
+        ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), self.spec.max_length)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(ids.shape)
+        return {self.spec.input_names[0]: ids, self.spec.input_names[1]: mask}

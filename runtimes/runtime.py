@@ -1,0 +1,175 @@
+"""``Runtime``: load a bundle, feed inputs, get a label at the first confident exit.
+
+    from runtimes import Runtime
+    rt = Runtime.load("bundles/digits")              # backend="auto": TensorRT if built, else ONNX Runtime
+    result = rt.infer(["frame.png"])                 # paths, PIL images, HWC uint8 arrays, or text
+    result[0].label, result[0].confidence, result[0].exit
+
+Needs numpy and one backend package; never torch. Inputs larger than the bundle's max batch are
+split into several calls. ``rt.thresholds`` can be overridden (None disables an exit).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from runtimes.backends import Backend, get_backend
+from runtimes.bundle import Bundle, load_bundle
+from runtimes.chain import POLICIES, ChainOutput, RecordOutput, record_chain, run_chain, run_full
+from runtimes.errors import BackendUnavailableError, ConfigError, InputError
+from runtimes.preprocess import ImageSpec, TextEncoder, encode_images
+
+__all__ = ["Runtime", "Result", "Prediction"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    class_index: int
+    confidence: float
+    exit: int  # index into the bundle's exits; len(exits) means the final head
+    block: int  # 1-based block whose output decided (the model's depth for the final head)
+
+
+@dataclass
+class Result:
+    classes: np.ndarray
+    confidences: np.ndarray
+    exits: np.ndarray
+    labels: tuple[str, ...]
+    blocks: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)  # graph key -> seconds in this call
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __getitem__(self, i: int) -> Prediction:
+        c = int(self.classes[i])
+        return Prediction(self.labels[c], c, float(self.confidences[i]), int(self.exits[i]), int(self.blocks[i]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+class Runtime:
+    def __init__(self, bundle: Bundle, backend: Backend, policy: str = "per_sample") -> None:
+        if policy not in POLICIES:
+            raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.bundle, self.backend, self.policy = bundle, backend, policy
+        self._thresholds = list(bundle.thresholds)
+        self._text = TextEncoder(bundle.preprocess, bundle.root) if not isinstance(bundle.preprocess, ImageSpec) else None
+        self._exit_blocks = np.array([e.block for e in bundle.exits] + [bundle.num_blocks], dtype=np.int64)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu", precision: str | None = None,
+             policy: str = "per_sample", verify: bool = True, **options: Any) -> "Runtime":
+        """Load a bundle; ``backend`` is auto, onnxruntime or tensorrt; extra options go to the backend."""
+        bundle = load_bundle(path, verify=verify)
+        if backend == "auto":
+            backend = _auto_backend(bundle, device, precision, options)
+            if backend == "tensorrt" and device == "cpu":
+                device = "cuda"
+        cls_ = get_backend(backend)
+        chosen = precision or ("fp16" if backend == "tensorrt" and "fp16" in bundle.precisions else "fp32")
+        return cls(bundle, cls_(bundle, precision=chosen, device=device, **options), policy)
+
+    # thresholds ------------------------------------------------------------------------------------------
+    @property
+    def thresholds(self) -> list[float | None]:
+        return list(self._thresholds)
+
+    @thresholds.setter
+    def thresholds(self, values: Sequence[float | None]) -> None:
+        values = list(values)
+        if len(values) != len(self.bundle.exits):
+            raise ConfigError(f"{len(values)} thresholds given; this bundle has {len(self.bundle.exits)} exits")
+        for v in values:
+            if v is not None and not (isinstance(v, (int, float)) and np.isfinite(v)):
+                raise ConfigError(f"thresholds must be finite numbers or None, got {v!r}")
+        self._thresholds = [None if v is None else float(v) for v in values]
+
+    # inputs -----------------------------------------------------------------------------------------------
+    def encode(self, items: Any) -> dict[str, np.ndarray]:
+        """Raw inputs -> model input arrays; a dict of arrays passes through after checks."""
+        if isinstance(items, dict):
+            return self._check(items)
+        if isinstance(items, (str, bytes, os.PathLike)) or (isinstance(items, np.ndarray) and items.ndim in (2, 3)):
+            items = [items]
+        items = list(items)
+        if not items:
+            raise InputError("empty batch: give at least one input")
+        if self._text is not None:
+            return self._text(items)
+        return encode_images(self.bundle.preprocess, items)
+
+    def _check(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for spec in self.bundle.inputs:
+            if spec.name not in arrays:
+                raise InputError(f"input {spec.name!r} is missing; the model takes {[s.name for s in self.bundle.inputs]}")
+            a = np.asarray(arrays[spec.name])
+            if a.dtype != np.dtype(spec.dtype):
+                raise InputError(f"input {spec.name!r} must be {spec.dtype}, got {a.dtype}")
+            want = tuple(spec.shape[1:])
+            if a.ndim != len(spec.shape) or tuple(a.shape[1:]) != want:
+                raise InputError(f"input {spec.name!r} must have shape (batch, {', '.join(map(str, want))}), got {a.shape}")
+            out[spec.name] = np.ascontiguousarray(a)
+        sizes = {len(a) for a in out.values()}
+        if len(sizes) != 1 or 0 in sizes:
+            raise InputError(f"inputs need one common, non-zero batch size, got {sorted(sizes)}")
+        return out
+
+    def _chunks(self, arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+        n, step = len(next(iter(arrays.values()))), self.bundle.batch.max
+        return [{k: v[i:i + step] for k, v in arrays.items()} for i in range(0, n, step)]
+
+    # inference --------------------------------------------------------------------------------------------
+    def infer(self, inputs: Any, policy: str | None = None) -> Result:
+        """Early-exit inference; batches larger than the bundle's max are split."""
+        parts = [run_chain(self.backend, self.bundle, c, self._thresholds, policy or self.policy)
+                 for c in self._chunks(self.encode(inputs))]
+        return self._result(parts)
+
+    def infer_full(self, inputs: Any) -> Result:
+        """The monolithic graph (no early exit): the baseline."""
+        return self._result([run_full(self.backend, c) for c in self._chunks(self.encode(inputs))])
+
+    def record(self, inputs: Any) -> RecordOutput:
+        """Every exit's and the final head's confidence and prediction for every row."""
+        parts = [record_chain(self.backend, self.bundle, c) for c in self._chunks(self.encode(inputs))]
+        return RecordOutput(np.concatenate([p.confidences for p in parts]),
+                            np.concatenate([p.predictions for p in parts]))
+
+    def _result(self, parts: list[ChainOutput]) -> Result:
+        timings: dict[str, float] = {}
+        for p in parts:
+            for k, v in p.timings.items():
+                timings[k] = timings.get(k, 0.0) + v
+        exits = np.concatenate([p.exits for p in parts])
+        blocks = np.where(exits >= 0, self._exit_blocks[np.clip(exits, 0, None)], self.bundle.num_blocks)
+        return Result(np.concatenate([p.classes for p in parts]), np.concatenate([p.confidences for p in parts]),
+                      exits, self.bundle.labels, blocks, timings)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _auto_backend(bundle: Bundle, device: str, precision: str | None, options: dict[str, Any]) -> str:
+    """TensorRT when an engine set for this GPU exists and TensorRT imports; ONNX Runtime otherwise."""
+    if device == "cpu" or bundle.root is None or not (bundle.root / "engines").is_dir():
+        return "onnxruntime"
+    try:
+        get_backend("tensorrt")
+        return "tensorrt"
+    except (BackendUnavailableError, ConfigError):
+        return "onnxruntime"

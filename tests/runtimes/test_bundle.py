@@ -1,0 +1,96 @@
+"""The bundle contract: a golden bundle.json keeps loading; damaged bundles fail with BundleError."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from runtimes.bundle import SCHEMA_VERSION, load_bundle, save_bundle
+from runtimes.errors import BundleError
+from runtimes.preprocess import ImageSpec
+
+GOLDEN = Path(__file__).parent / "golden_bundle"
+
+
+@pytest.fixture
+def bundle_dir(tmp_path: Path) -> Path:
+    return Path(shutil.copytree(GOLDEN, tmp_path / "b"))
+
+
+def test_golden_bundle_keeps_loading() -> None:
+    b = load_bundle(GOLDEN)
+    assert b.schema_version == SCHEMA_VERSION == 1
+    assert b.name == "golden" and len(b.labels) == 10 and b.num_blocks == 8
+    assert isinstance(b.preprocess, ImageSpec) and b.preprocess.size == (32, 32)
+    assert [s.blocks for s in b.stages] == [(0, 2), (2, 8)]
+    assert b.exits[0].block == 2 and b.thresholds == (0.9,) and b.exits[0].confidence == "max_softmax"
+    assert b.graph_keys() == ["segment_0", "exit_0", "segment_1", "full"]
+    assert b.graph("exit_0").outputs[1].name == "confidence_0"
+    assert b.batch.max == 64 and b.precisions == ("fp32",)
+
+
+def test_round_trip_is_lossless(bundle_dir: Path) -> None:
+    original = json.loads((bundle_dir / "bundle.json").read_text())
+    save_bundle(load_bundle(bundle_dir), bundle_dir)
+    assert json.loads((bundle_dir / "bundle.json").read_text()) == original
+
+
+def test_thresholds_update(bundle_dir: Path) -> None:
+    b = load_bundle(bundle_dir).with_thresholds((0.75,), {"method": "test"})
+    save_bundle(b, bundle_dir)
+    again = load_bundle(bundle_dir)
+    assert again.thresholds == (0.75,) and again.calibration == {"method": "test"}
+    with pytest.raises(BundleError, match="thresholds"):
+        b.with_thresholds((0.5, 0.6), None)
+
+
+def _edit(bundle_dir: Path, change) -> None:
+    data = json.loads((bundle_dir / "bundle.json").read_text())
+    change(data)
+    (bundle_dir / "bundle.json").write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d.update(schema_version=2), "upgrade freedeploy"),
+    (lambda d: d.pop("stages"), "'stages' is missing"),
+    (lambda d: d.update(num_blocks="8"), "'num_blocks' must be an integer"),
+    (lambda d: d["stages"][0]["exit"].update(threshold="high"), "'threshold' must be"),
+    (lambda d: d["batch"].update(min=5, opt=2), "batch sizes"),
+    (lambda d: d["full"]["inputs"][0].update(dtype="complex64"), "dtype"),
+    (lambda d: d["files"].update({"../outside.onnx": "0" * 64}), "leaves the bundle"),
+    (lambda d: d["files"].update({"/etc/passwd": "0" * 64}), "must be relative"),
+    (lambda d: d["stages"][0]["segment"]["files"].update(fp32="onnx/unlisted.onnx"), "no checksum"),
+    (lambda d: d.update(labels=[]), "labels"),
+    (lambda d: d["preprocess"].update(kind="audio"), "preprocess"),
+])
+def test_bad_manifests(bundle_dir: Path, change, words: str) -> None:
+    _edit(bundle_dir, change)
+    with pytest.raises(BundleError, match=words):
+        load_bundle(bundle_dir)
+
+
+def test_checksum_missing_file_and_symlink(bundle_dir: Path, tmp_path: Path) -> None:
+    (bundle_dir / "onnx" / "exit_0.onnx").write_text("tampered")
+    with pytest.raises(BundleError, match="checksum mismatch for onnx/exit_0.onnx"):
+        load_bundle(bundle_dir)
+    assert load_bundle(bundle_dir, verify=False).name == "golden"
+    (bundle_dir / "onnx" / "exit_0.onnx").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(bundle_dir)
+    outside = tmp_path / "secret.onnx"
+    outside.write_text("x")
+    os.symlink(outside, bundle_dir / "onnx" / "exit_0.onnx")
+    with pytest.raises(BundleError, match="outside the bundle"):
+        load_bundle(bundle_dir)
+
+
+def test_malformed_json_and_missing_manifest(tmp_path: Path, bundle_dir: Path) -> None:
+    (bundle_dir / "bundle.json").write_text("{not json")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        load_bundle(bundle_dir)
+    with pytest.raises(BundleError, match="bundle.json is missing"):
+        load_bundle(tmp_path)
