@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from runtimes.atomic import atomic_directory, atomic_write_text
-from runtimes.backends.tensorrt import (BUILD_FILE, BUILD_SCHEMA, ENGINES_DIR, DeviceInfo, detect_device,
+from runtimes.backends.tensorrt_device import (BUILD_FILE, BUILD_SCHEMA, ENGINES_DIR, DeviceInfo, detect_device,
                                         import_tensorrt, read_build, target_key)
 from runtimes.bundle import Bundle, load_bundle
 from runtimes.errors import BundleError, ConfigError, ExportError

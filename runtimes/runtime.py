@@ -11,6 +11,7 @@ split into several calls. ``rt.thresholds`` can be overridden (None disables an 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -24,6 +25,8 @@ from runtimes.errors import BackendUnavailableError, ConfigError, InputError
 from runtimes.preprocess import ImageSpec, TextEncoder, encode_images
 
 __all__ = ["Runtime", "Result", "Prediction"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,22 +63,38 @@ class Runtime:
         if policy not in POLICIES:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.bundle, self.backend, self.policy = bundle, backend, policy
-        self._thresholds = list(bundle.thresholds)
+        own = (bundle.calibration or {}).get(self.calibration_key)
+        if bundle.calibration and own is None:
+            log.warning("bundle %s was calibrated for %s, not for %s: its default thresholds may not hold here; "
+                        "run freedeploy calibrate with this backend", bundle.name, ", ".join(bundle.calibration),
+                        self.calibration_key)
+        self._thresholds = list(own["thresholds"]) if own else list(bundle.thresholds)
         self._text = TextEncoder(bundle.preprocess, bundle.root) if not isinstance(bundle.preprocess, ImageSpec) else None
         self._exit_blocks = np.array([e.block for e in bundle.exits] + [bundle.num_blocks], dtype=np.int64)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, backend: str = "auto", device: str = "cpu", precision: str | None = None,
-             policy: str = "per_sample", verify: bool = True, **options: Any) -> "Runtime":
-        """Load a bundle; ``backend`` is auto, onnxruntime or tensorrt; extra options go to the backend."""
+    def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | None = None,
+             precision: str | None = None, policy: str = "per_sample", verify: bool = True, **options: Any) -> "Runtime":
+        """Load a bundle. ``backend``: auto (TensorRT when an engine set for this GPU exists and
+        loads, else ONNX Runtime), onnxruntime or tensorrt; ``device`` defaults to cuda for TensorRT
+        and cpu otherwise; extra options go to the backend."""
         bundle = load_bundle(path, verify=verify)
         if backend == "auto":
-            backend = _auto_backend(bundle, device, precision, options)
-            if backend == "tensorrt" and device == "cpu":
-                device = "cuda"
-        cls_ = get_backend(backend)
-        chosen = precision or ("fp16" if backend == "tensorrt" and "fp16" in bundle.precisions else "fp32")
-        return cls(bundle, cls_(bundle, precision=chosen, device=device, **options), policy)
+            has_engines = bundle.root is not None and (bundle.root / "engines").is_dir()
+            if has_engines and (device is None or device.startswith("cuda")):
+                try:
+                    return cls(bundle, _make("tensorrt", bundle, precision, device or "cuda", options), policy)
+                except (BackendUnavailableError, ConfigError) as exc:
+                    log.info("TensorRT not used (%s); falling back to ONNX Runtime", exc)
+            backend = "onnxruntime"
+        default_device = "cuda" if backend == "tensorrt" else "cpu"
+        return cls(bundle, _make(backend, bundle, precision, device or default_device, options), policy)
+
+    @property
+    def calibration_key(self) -> str:
+        """Which calibration applies here: confidences move with backend, precision and engine set."""
+        d = self.backend.describe()
+        return "-".join(str(x) for x in (d["backend"], d["precision"], d.get("engine_key")) if x)
 
     # thresholds ------------------------------------------------------------------------------------------
     @property
@@ -84,13 +103,16 @@ class Runtime:
 
     @thresholds.setter
     def thresholds(self, values: Sequence[float | None]) -> None:
+        self._thresholds = self._checked(values)
+
+    def _checked(self, values: Sequence[float | None]) -> list[float | None]:
         values = list(values)
         if len(values) != len(self.bundle.exits):
             raise ConfigError(f"{len(values)} thresholds given; this bundle has {len(self.bundle.exits)} exits")
         for v in values:
-            if v is not None and not (isinstance(v, (int, float)) and np.isfinite(v)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
                 raise ConfigError(f"thresholds must be finite numbers or None, got {v!r}")
-        self._thresholds = [None if v is None else float(v) for v in values]
+        return [None if v is None else float(v) for v in values]
 
     # inputs -----------------------------------------------------------------------------------------------
     def encode(self, items: Any) -> dict[str, np.ndarray]:
@@ -128,9 +150,12 @@ class Runtime:
         return [{k: v[i:i + step] for k, v in arrays.items()} for i in range(0, n, step)]
 
     # inference --------------------------------------------------------------------------------------------
-    def infer(self, inputs: Any, policy: str | None = None) -> Result:
-        """Early-exit inference; batches larger than the bundle's max are split."""
-        parts = [run_chain(self.backend, self.bundle, c, self._thresholds, policy or self.policy)
+    def infer(self, inputs: Any, policy: str | None = None,
+              thresholds: Sequence[float | None] | None = None) -> Result:
+        """Early-exit inference; batches larger than the bundle's max are split. ``thresholds``
+        overrides ``rt.thresholds`` for this call only."""
+        th = self._thresholds if thresholds is None else self._checked(thresholds)
+        parts = [run_chain(self.backend, self.bundle, c, th, policy or self.policy)
                  for c in self._chunks(self.encode(inputs))]
         return self._result(parts)
 
@@ -164,12 +189,6 @@ class Runtime:
         self.close()
 
 
-def _auto_backend(bundle: Bundle, device: str, precision: str | None, options: dict[str, Any]) -> str:
-    """TensorRT when an engine set for this GPU exists and TensorRT imports; ONNX Runtime otherwise."""
-    if device == "cpu" or bundle.root is None or not (bundle.root / "engines").is_dir():
-        return "onnxruntime"
-    try:
-        get_backend("tensorrt")
-        return "tensorrt"
-    except (BackendUnavailableError, ConfigError):
-        return "onnxruntime"
+def _make(name: str, bundle: Bundle, precision: str | None, device: str, options: dict[str, Any]) -> Backend:
+    chosen = precision or ("fp16" if name == "tensorrt" and "fp16" in bundle.precisions else "fp32")
+    return get_backend(name)(bundle, precision=chosen, device=device, **options)

@@ -31,7 +31,10 @@ class FreedeployGroup(click.Group):
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args or os.environ.get("FREEDEPLOY_DEBUG") == "1"
         try:
-            return super().main(args=args, prog_name=prog_name or "freedeploy", standalone_mode=False, **extra)
+            rv = super().main(args=args, prog_name=prog_name or "freedeploy", standalone_mode=False, **extra)
+            if isinstance(rv, int) and not isinstance(rv, bool):  # click returns Exit codes when not standalone
+                sys.exit(rv)
+            return rv
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:
@@ -76,13 +79,16 @@ def main() -> None:
 
 
 def _register() -> None:
-    from freedeploy.cli import export_cmd, inspect_cmd, run_cmd, train_cmd
+    from freedeploy.cli import bench_cmd, calibrate_cmd, export_cmd, inspect_cmd, run_cmd, train_cmd
 
     cli.add_command(train_cmd.train)
     cli.add_command(export_cmd.export)
     cli.add_command(export_cmd.build)
     cli.add_command(inspect_cmd.inspect)
     cli.add_command(run_cmd.run)
+    cli.add_command(calibrate_cmd.calibrate)
+    cli.add_command(calibrate_cmd.eval_)
+    cli.add_command(bench_cmd.bench)
 
 
 _register()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -80,13 +79,13 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N")
+@click.option("--device", help="cpu, cuda or cuda:N [default: cuda for TensorRT, else cpu]")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="[default: fp16 on TensorRT, else fp32]")
 @click.option("--thresholds", callback=parse_thresholds, help="Override the bundle's thresholds, e.g. 0.9,0.9,off.")
 @click.option("--policy", type=click.Choice(["per_sample", "batch"]), default="per_sample", show_default=True)
 @click.option("--max-frames", type=click.IntRange(1), help="Stop a video or camera after this many frames.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
-def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str, precision: str | None,
+def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | None, precision: str | None,
         thresholds: list[float | None] | None, policy: str, max_frames: int | None, as_json: bool) -> None:
     """Run a bundle on images (files, folders), a video file, a camera index, or texts ('-': stdin lines).
 

@@ -7,6 +7,12 @@ same problem, but once created it forces every other session in the process (the
 own, ONNX Runtime's quantizer) to opt out of per-session threads or fail, so an embeddable runtime
 must not create it; ``shared_pool=True`` opts in for processes that run nothing else.
 
+The sessions also share one memory arena (an environment allocator). With an arena per session,
+each segment's intermediate buffers were cold in the cache at every call, and a chain with its
+exits switched off took 1.07-1.10x the monolithic graph's time at batch 32 (1.00x at batch 1);
+sharing the arena brought it to 1.02x. Registering the allocator is process-wide but harmless to
+other sessions: only sessions that opt in (``session.use_env_allocators``) use it.
+
 State tensors are numpy arrays: on the CPU feeding numpy is as fast
 as OrtValues or I/O binding. On CUDA the tensors stay on the device as OrtValues bound through
 I/O binding; compaction there goes through the host (a copy of the surviving rows).
@@ -29,6 +35,7 @@ __all__ = ["OrtBackend"]
 log = logging.getLogger(__name__)
 
 _GLOBAL_POOL: int | None = None  # threads of the process-wide pool once set (ONNX Runtime allows it once)
+_SHARED_ARENA: bool | None = None  # whether the process-wide CPU arena is registered and usable
 
 
 def _import_ort() -> Any:
@@ -56,6 +63,20 @@ def _global_pool(ort: Any, threads: int) -> bool:
     return True
 
 
+def _shared_arena(ort: Any) -> bool:
+    """Register one CPU arena allocator for the process (once); False when it cannot be used."""
+    global _SHARED_ARENA
+    if _SHARED_ARENA is None:
+        try:
+            info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(info, ort.OrtArenaCfg(0, -1, -1, -1))
+            _SHARED_ARENA = True
+        except Exception as exc:  # an application registered its own already, or an older ONNX Runtime
+            log.debug("shared CPU arena unavailable: %s", exc)
+            _SHARED_ARENA = "already" in str(exc).lower()
+    return bool(_SHARED_ARENA)
+
+
 class OrtBackend(Backend):
     name = "onnxruntime"
     devices = ("cpu", "cuda")
@@ -73,6 +94,7 @@ class OrtBackend(Backend):
         self.device_id = int(device.split(":")[1]) if ":" in device else 0
         self.threads = threads or min(os.cpu_count() or 1, 8)
         self.shared_pool = shared_pool and not self.cuda and _global_pool(ort, self.threads)
+        self.shared_arena = not self.cuda and _shared_arena(ort)
         self.sessions = {key: self._session(key, session_config or {}, optimization)
                          for key in (graphs or bundle.graph_keys())}
 
@@ -90,6 +112,8 @@ class OrtBackend(Backend):
         else:
             opts.intra_op_num_threads = self.threads
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if self.shared_arena:
+            opts.add_session_config_entry("session.use_env_allocators", "1")
         for k, v in config.items():
             opts.add_session_config_entry(k, v)
         providers = ([("CUDAExecutionProvider", {"device_id": self.device_id})] if self.cuda else []) + \
@@ -141,4 +165,5 @@ class OrtBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "threads": self.threads, "shared_thread_pool": self.shared_pool,
+                "shared_arena": self.shared_arena,
                 "providers": self.sessions[next(iter(self.sessions))].get_providers() if self.sessions else []}

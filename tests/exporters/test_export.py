@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 
@@ -14,7 +13,7 @@ from freedeploy.exporting import export_run
 from freedeploy.train import TrainConfig, train
 from runtimes.bundle import load_bundle
 from runtimes.errors import ConfigError
-from tests.conftest import MICRO_TEXT, MICRO_VISION
+from tests.conftest import MICRO_TEXT
 
 
 @pytest.fixture(scope="module")

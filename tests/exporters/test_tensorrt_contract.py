@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from exporters import tensorrt as ex
-from runtimes.backends import tensorrt as rt_trt
+from runtimes.backends import tensorrt_device as rt_trt
 from runtimes.bundle import load_bundle
 from runtimes.errors import BackendUnavailableError, BundleError, ConfigError, ExportError
 from tests.fakes.fake_tensorrt import FakeGpu, blocked_modules, installed_fakes, make_fake_bundle

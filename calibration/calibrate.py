@@ -1,0 +1,72 @@
+"""``calibrate_runtime``: record, certify, and write thresholds with their certificate into the bundle.
+
+The certificate says what was promised and on what: with probability at least ``1 - epsilon`` over
+the draw of the calibration set, the early-exit model's disagreement with the full model (or its
+accuracy drop, with labels) is at most ``delta``, for inputs distributed like the calibration set,
+on the backend and precision it was measured on.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+
+from calibration.costs import StageCosts, measure_costs
+from calibration.thresholds import certify, exit_decisions, expected_cost, within_budget
+from runtimes.bundle import load_bundle, save_bundle
+from runtimes.errors import CalibrationError
+from runtimes.runtime import Runtime
+
+__all__ = ["calibrate_runtime", "write_calibration"]
+
+
+def calibrate_runtime(rt: Runtime, inputs: dict[str, np.ndarray], delta: float, epsilon: float,
+                      labels: np.ndarray | None = None, latency_budget_ms: float | None = None,
+                      data: dict[str, Any] | None = None, cost_samples: int = 32,
+                      paths: tuple[str, ...] = ("shared",)) -> dict[str, Any]:
+    """Thresholds and certificate for this runtime's backend and precision; raises CalibrationError
+    when the data cannot certify ``delta`` (early exit then stays as it was: off, if never calibrated)."""
+    record = rt.record(inputs)
+    costs = measure_costs(rt.backend, inputs, samples=cost_samples)
+    conf, pred = record.confidences, record.predictions
+    common = {"n": len(conf), "epsilon": epsilon, "mode": "labels" if labels is not None else "label-free",
+              "loss": "accuracy drop vs the full model" if labels is not None else "disagreement with the full model",
+              "key": rt.calibration_key, "backend": rt.backend.describe(), "data": data or {},
+              "costs_ms": asdict(costs), "calibrated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    if latency_budget_ms is not None:
+        got = within_budget(conf, pred, latency_budget_ms, costs.segments, costs.exits, epsilon, labels)
+        c = got["candidate"]
+        cert = {"method": "latency-budget, Clopper-Pearson bound", "latency_budget_ms": latency_budget_ms,
+                "risk_upper_bound": got["risk_upper_bound"], "delta": None}
+    else:
+        sel = certify(conf, pred, delta, epsilon, costs.segments, costs.exits, labels, paths)
+        if sel.chosen is None:
+            raise CalibrationError(
+                f"cannot certify a tolerance of {100 * delta:g}% at epsilon {epsilon:g} with {sel.n} samples "
+                f"(the tightest this n can certify is {100 * sel.tightest_tolerance:.2f}%, and only with no "
+                "disagreements); early exit stays off. Use more calibration data or a looser --max-disagreement")
+        c = sel.chosen
+        cert = {"method": f"learn-then-test, fixed-sequence, {sel.method} p-values"
+                          + (f", Bonferroni over {len(paths)} paths" if len(paths) > 1 else ""),
+                "delta": delta, "pvalue": c.pvalue, "certified_candidates": sel.safe,
+                "tightest_tolerance": sel.tightest_tolerance}
+    return {**common, **cert, **_expected(c.thresholds, conf, costs), "thresholds": list(c.thresholds),
+            "path": c.path, "grid_index": c.index, "calibration_risk": c.risk}
+
+
+def _expected(thresholds: tuple[float, ...], conf: np.ndarray, costs: StageCosts) -> dict[str, Any]:
+    taken = exit_decisions(conf, thresholds)
+    ms = expected_cost(taken, costs.segments, costs.exits, thresholds)
+    hist = np.bincount(taken, minlength=conf.shape[1]) / len(taken)
+    return {"expected_latency_ms": ms, "expected_speedup": costs.full / ms, "exit_histogram": hist.tolist()}
+
+
+def write_calibration(bundle_dir: str, certificate: dict[str, Any]) -> None:
+    """Store the thresholds (as the bundle's defaults and under the certificate's key), atomically."""
+    bundle = load_bundle(bundle_dir)
+    calibrations = dict(bundle.calibration or {})
+    calibrations[certificate["key"]] = certificate
+    save_bundle(bundle.with_thresholds(tuple(certificate["thresholds"]), calibrations), bundle_dir)

@@ -1,0 +1,114 @@
+"""Side-by-side latency and throughput of a bundle against its own monolithic graph.
+
+Every variant runs in one process, on the same backend and settings, on real inputs, and the
+variants are interleaved in a shuffled order round after round, so machine noise hits them all
+alike. Reported figures are ratios of those measurements.
+
+Variants: ``full`` (the monolithic ``full.onnx``), ``early_exit`` (the chain at the bundle's
+thresholds), ``no_exit`` (the chain with every exit switched off: heads skipped),
+``never_exits`` (heads run but thresholds above 1: the worst case), and ``torch`` (eager torch,
+when a run dir and torch are available).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from calibration.thresholds import exit_decisions
+from freedeploy.evaluation import analytic_speedup
+from runtimes.runtime import Runtime
+
+__all__ = ["latency", "throughput", "summarise"]
+
+
+def _rows(inputs: dict[str, np.ndarray], start: int, n: int) -> dict[str, np.ndarray]:
+    total = len(next(iter(inputs.values())))
+    idx = (np.arange(start, start + n) % total)
+    return {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
+
+
+def _variants(rt: Runtime, torch_fn: Callable | None, policy: str) -> dict[str, Callable[[dict], Any]]:
+    thresholds = rt.thresholds
+    k = len(rt.bundle.exits)
+
+    def chain(th: list) -> Callable[[dict], Any]:
+        return lambda x: rt.infer(x, policy=policy, thresholds=th)
+
+    out = {"full": rt.infer_full, "early_exit": chain(thresholds), "no_exit": chain([None] * k),
+           "never_exits": chain([2.0] * k)}
+    if torch_fn is not None:
+        out["torch"] = torch_fn
+    return out
+
+
+def _interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, np.ndarray], batch: int,
+                 runs: int, warmup: int, seed: int) -> dict[str, np.ndarray]:
+    """Seconds per call of every variant: each round feeds all variants the same real rows, in a
+    shuffled order."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants)
+    rng = random.Random(seed)
+    for r in range(warmup + runs):
+        x = _rows(inputs, r * batch, batch)
+        rng.shuffle(order)
+        for name in order:
+            t0 = time.perf_counter()
+            variants[name](x)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {k: np.asarray(v) for k, v in times.items()}
+
+
+def latency(rt: Runtime, inputs: dict[str, np.ndarray], runs: int = 200, warmup: int = 20,
+            torch_fn: Callable | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Batch-1 seconds per call for every variant, ``runs`` rounds over successive real samples."""
+    return _interleaved(_variants(rt, torch_fn, "per_sample"), inputs, 1, runs, warmup, seed)
+
+
+def throughput(rt: Runtime, inputs: dict[str, np.ndarray], batch: int, runs: int = 30, warmup: int = 3,
+               torch_fn: Callable | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """Seconds per batch of ``batch`` real samples; the early-exit chain under both policies."""
+    variants = _variants(rt, torch_fn, "per_sample")
+    variants["early_exit/per_sample"] = variants.pop("early_exit")
+    variants["early_exit/batch"] = _variants(rt, None, "batch")["early_exit"]
+    return _interleaved(variants, inputs, batch, runs, warmup, seed)
+
+
+def stats_ms(t: np.ndarray) -> dict[str, float]:
+    ms = 1000.0 * t
+    return {"mean": float(ms.mean()), "p50": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
+            "p99": float(np.percentile(ms, 99)), "runs": int(len(ms))}
+
+
+def summarise(rt: Runtime, inputs: dict[str, np.ndarray], lat: dict[str, np.ndarray],
+              thr: dict[int, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Ratios against the monolithic graph, with the analytic speed-up on the same samples."""
+    record = rt.record(_rows(inputs, 0, len(lat["full"])))
+    taken = exit_decisions(record.confidences, rt.thresholds)
+    analytic = analytic_speedup(rt.bundle, taken, rt.thresholds)
+    full = lat["full"]
+    out: dict[str, Any] = {
+        "batch1_ms": {k: stats_ms(v) for k, v in lat.items()},
+        "analytic_speedup": analytic,
+        "measured_speedup_mean": float(full.mean() / lat["early_exit"].mean()),
+        "measured_speedup_median": float(np.median(full) / np.median(lat["early_exit"])),
+        "no_exit_over_full_median": float(np.median(lat["no_exit"]) / np.median(full)),
+        "never_exits_over_full_mean": float(lat["never_exits"].mean() / full.mean()),
+        "exit_histogram": (np.bincount(taken, minlength=len(rt.bundle.exits) + 1) / len(taken)).tolist(),
+    }
+    out["measured_over_analytic"] = out["measured_speedup_mean"] / analytic
+    if "torch" in lat:
+        out["torch_over_full_median"] = float(np.median(lat["torch"]) / np.median(full))
+    out["throughput"] = {}
+    out["throughput_runs"] = min((len(v) for t in thr.values() for v in t.values()), default=0)
+    for batch, times in thr.items():
+        per_s = {k: batch / float(np.median(v)) for k, v in times.items()}
+        out["throughput"][str(batch)] = {
+            "samples_per_s": per_s, "no_exit_over_full_median": float(np.median(times["no_exit"]) / np.median(times["full"])),
+            "per_sample_speedup": per_s["early_exit/per_sample"] / per_s["full"],
+            "batch_policy_speedup": per_s["early_exit/batch"] / per_s["full"]}
+    return out

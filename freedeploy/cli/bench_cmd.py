@@ -1,0 +1,97 @@
+"""``freedeploy bench``: the bundle against its monolithic graph, side by side in one process."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from freedeploy.cli.output import emit_json, note, table
+
+
+def _batches(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        out = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected batch sizes such as 1,32, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter("batch sizes must be positive integers")
+    return out
+
+
+def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
+    """Eager torch on the full model, when a run dir is given and torch is installed."""
+    try:
+        import torch
+    except ImportError:
+        note("torch is not installed: the eager torch variant is skipped")
+        return None
+    from freedeploy.rundir import load_run
+
+    model, _ = load_run(run_dir)
+    if threads:
+        torch.set_num_threads(threads)
+
+    def go(x: dict) -> Any:
+        with torch.inference_mode():
+            return model.hf(**{k: torch.from_numpy(v) for k, v in x.items()}).logits.argmax(-1)
+    return go
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@click.option("--batch", "batches", default="1,32", show_default=True, callback=_batches,
+              help="Batch sizes: 1 gives latency percentiles, larger ones throughput.")
+@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--device", help="cpu, cuda or cuda:N [default: cuda for TensorRT, else cpu]")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads [default: all cores, max 8].")
+@click.option("--runs", type=click.IntRange(10), default=200, show_default=True, help="Batch-1 rounds per variant.")
+@click.option("--batch-runs", type=click.IntRange(5), default=30, show_default=True,
+              help="Rounds per variant at each larger batch size.")
+@click.option("--data", "data_spec", help="Data spec for real inputs [default: the bundle's own].")
+@click.option("--split", default="test", show_default=True)
+@click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run dir: adds eager torch as a variant.")
+@click.option("--json", "as_json", is_flag=True)
+def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None, precision: str | None,
+          threads: int | None, runs: int, batch_runs: int, data_spec: str | None, split: str, run_dir: str | None, as_json: bool) -> None:
+    """Latency and throughput of the early-exit chain against the monolithic graph."""
+    from freedeploy.benchmark import latency, summarise, throughput
+    from freedeploy.evaluation import bundle_split
+    from runtimes import Runtime
+
+    options = {"threads": threads} if threads else {}
+    rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, **options)
+    data, idx = bundle_split(rt.bundle, data_spec, split)
+    inputs = rt.encode([data.items[i] for i in idx])
+    torch_fn = _torch_fn(run_dir, threads) if run_dir else None
+    note(f"benchmarking {rt.calibration_key} on {len(idx)} real samples ({data.spec}, {split})")
+    lat = latency(rt, inputs, runs=runs, torch_fn=torch_fn) if 1 in batches else None
+    thr = {b: throughput(rt, inputs, b, runs=batch_runs, torch_fn=torch_fn) for b in batches if b > 1}
+    if lat is None:
+        lat = latency(rt, inputs, runs=20, torch_fn=torch_fn)
+    report = summarise(rt, inputs, lat, thr)
+    report.update(backend=rt.backend.describe(), thresholds=rt.thresholds, data={"spec": data.spec, "split": split})
+    rt.close()
+    if as_json:
+        emit_json(report)
+        return
+    click.echo(bench_table(report))
+
+
+def bench_table(r: dict[str, Any]) -> str:
+    rows = [[name, s["mean"], s["p50"], s["p90"], s["p99"]] for name, s in r["batch1_ms"].items()]
+    lines = ["batch 1 latency (ms), " + f"{next(iter(r['batch1_ms'].values()))['runs']} interleaved runs each",
+             table(["variant", "mean", "p50", "p90", "p99"], rows), "",
+             f"measured speed-up vs monolithic: {r['measured_speedup_mean']:.2f}x (mean latency), "
+             f"{r['measured_speedup_median']:.2f}x (median)",
+             f"analytic speed-up {r['analytic_speedup']:.2f}x; measured/analytic {r['measured_over_analytic']:.2f}",
+             f"chain with exits off vs monolithic (median): {r['no_exit_over_full_median']:.3f}x; "
+             f"a sample that never exits costs {r['never_exits_over_full_mean']:.2f}x the monolithic model"]
+    for batch, t in r["throughput"].items():
+        lines.append("")
+        lines.append(f"batch {batch} throughput (samples/s, median of {r['throughput_runs']} interleaved runs)")
+        lines.append(table(["variant", "samples/s"], [[k, v] for k, v in t["samples_per_s"].items()]))
+        lines.append(f"speed-up vs monolithic: per_sample {t['per_sample_speedup']:.2f}x, batch policy "
+                     f"{t['batch_policy_speedup']:.2f}x; exits off {t['no_exit_over_full_median']:.3f}x the monolithic time")
+    return "\n".join(lines)

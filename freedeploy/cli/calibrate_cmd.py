@@ -1,0 +1,118 @@
+"""``freedeploy calibrate`` and ``freedeploy eval``: no torch needed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from freedeploy.cli.output import emit_json, note, table
+
+
+def _runtime_options(f: Any) -> Any:
+    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+                     help="[default: fp16 on TensorRT, else fp32]")(f)
+    f = click.option("--device", help="cpu, cuda or cuda:N [default: cuda for TensorRT, else cpu]")(f)
+    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+                     show_default=True)(f)
+    f = click.option("--split", default=None, help="train | val | test | all")(f)
+    f = click.option("--data", "data_spec", help="Data spec [default: the one the model was trained on].")(f)
+    return f
+
+
+def _load(bundle_dir: str, data_spec: str | None, split: str, backend: str, device: str | None, precision: str | None):
+    from freedeploy.evaluation import bundle_split
+    from runtimes import Runtime
+
+    rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision)
+    data, idx = bundle_split(rt.bundle, data_spec, split)
+    note(f"{len(idx)} samples from {data.spec} ({split}) on {rt.calibration_key}")
+    inputs = rt.encode([data.items[i] for i in idx])
+    return rt, data, idx, inputs
+
+
+@click.command()
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@_runtime_options
+@click.option("--max-disagreement", "delta", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.01,
+              show_default=True, help="Tolerance: the most the early-exit answers may disagree with the full model "
+              "(or, with --labels, lose accuracy).")
+@click.option("--epsilon", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05, show_default=True,
+              help="Failure probability of the guarantee.")
+@click.option("--labels", "use_labels", is_flag=True, help="Certify the accuracy drop instead of the disagreement.")
+@click.option("--latency-budget-ms", type=click.FloatRange(0, min_open=True),
+              help="Instead of a tolerance: the most accurate thresholds whose expected latency fits, with a bound.")
+@click.option("--paths", default="shared", show_default=True,
+              help="Threshold shapes to search (shared, strict-early; comma-separated). More paths split epsilon.")
+@click.option("--json", "as_json", is_flag=True)
+def calibrate(bundle_dir: str, data_spec: str | None, split: str | None, backend: str, device: str | None,
+              precision: str | None, delta: float, epsilon: float, use_labels: bool,
+              latency_budget_ms: float | None, paths: str, as_json: bool) -> None:
+    """Certified exit thresholds (Learn-then-Test), written into the bundle with their certificate."""
+    from calibration.calibrate import calibrate_runtime, write_calibration
+
+    split = split or "val"
+    rt, data, idx, inputs = _load(bundle_dir, data_spec, split, backend, device, precision)
+    cert = calibrate_runtime(rt, inputs, delta, epsilon, labels=data.labels[idx] if use_labels else None,
+                             latency_budget_ms=latency_budget_ms, data={"spec": data.spec, "split": split},
+                             paths=tuple(p.strip() for p in paths.split(",") if p.strip()))
+    rt.close()
+    write_calibration(bundle_dir, cert)
+    if as_json:
+        emit_json(cert)
+        return
+    th = ", ".join(f"{t:.4f}" for t in cert["thresholds"])
+    click.echo(f"thresholds: {th}  (path {cert['path']}, {cert['key']})")
+    if cert["delta"] is not None:
+        click.echo(f"certificate: {cert['loss']} <= {100 * cert['delta']:g}% with probability >= "
+                   f"{1 - cert['epsilon']:g} (n = {cert['n']}, calibration risk {100 * cert['calibration_risk']:.2f}%, "
+                   f"p = {cert['pvalue']:.3g})")
+    else:
+        click.echo(f"latency budget {cert['latency_budget_ms']:g} ms: {cert['loss']} <= "
+                   f"{100 * cert['risk_upper_bound']:.2f}% with probability >= {1 - cert['epsilon']:g}")
+    click.echo(f"expected latency {cert['expected_latency_ms']:.3f} ms per sample at batch 1, expected speed-up "
+               f"{cert['expected_speedup']:.2f}x over the monolithic graph; exits taken: "
+               + ", ".join(f"{100 * h:.1f}%" for h in cert["exit_histogram"]))
+    click.echo(f"next: freedeploy eval {bundle_dir}")
+
+
+@click.command("eval")
+@click.argument("bundle_dir", type=click.Path(file_okay=False))
+@_runtime_options
+@click.option("--json", "as_json", is_flag=True)
+def eval_(bundle_dir: str, data_spec: str | None, split: str | None, backend: str, device: str | None,
+          precision: str | None, as_json: bool) -> None:
+    """Accuracy, agreement with the full model, exits and analytic speed-up at the bundle's thresholds."""
+    from freedeploy.evaluation import evaluate
+
+    split = split or "test"
+    rt, data, idx, inputs = _load(bundle_dir, data_spec, split, backend, device, precision)
+    m = evaluate(rt, inputs, data.labels[idx])
+    m["data"] = {"spec": data.spec, "split": split}
+    if as_json:
+        emit_json(m)
+        return
+    click.echo(eval_summary(m))
+
+
+def eval_summary(m: dict[str, Any]) -> str:
+    th = ", ".join("off" if t is None else f"{t:.4f}" for t in m["thresholds"])
+    lines = [f"{m['n']} samples, thresholds {th}",
+             f"early-exit accuracy {100 * m['accuracy']:.2f}%  (full model {100 * m['full_accuracy']:.2f}%), "
+             f"disagreement with the full model {100 * m['disagreement_with_full']:.2f}%",
+             f"analytic speed-up {m['analytic_speedup']:.2f}x (blocks run, exit heads counted), "
+             f"overthinking rate {100 * m['overthinking_rate']:.2f}%"]
+    rows = [[e["exit"], e["accuracy"], e["agreement"]] for e in m["per_exit"]]
+    lines.append(table(["exit after block", "accuracy (all samples)", "agreement with final"], rows))
+    lines.append("exits taken: " + ", ".join(f"{k}: {v}" for k, v in m["exit_histogram"].items()))
+    cert = m["certificate"]
+    if cert is None:
+        lines.append("certificate: none for this backend and precision (run freedeploy calibrate)")
+    elif cert.get("delta") is not None:
+        measured = m["accuracy_drop"] if cert["mode"] == "labels" else m["disagreement_with_full"]
+        lines.append(f"certificate: {cert['loss']} <= {100 * cert['delta']:g}% with probability >= "
+                     f"{1 - cert['epsilon']:g} (n = {cert['n']}); measured here: {100 * measured:.2f}%")
+    else:
+        lines.append(f"certificate: latency budget {cert['latency_budget_ms']:g} ms, risk bound "
+                     f"{100 * cert['risk_upper_bound']:.2f}%")
+    return "\n".join(lines)

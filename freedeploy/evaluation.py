@@ -1,0 +1,75 @@
+"""Data for bundles, and what early exit did on it: accuracy, agreement, exits, analytic speed-up.
+
+Numpy only (no torch): evaluation and calibration run on the deployment machine.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from calibration.thresholds import exit_decisions
+from freedeploy.data import Dataset, load_dataset, make_splits, split_digest
+from freedeploy.metrics import exit_metrics
+from runtimes.bundle import Bundle
+from runtimes.errors import DataError
+from runtimes.runtime import Runtime
+
+__all__ = ["bundle_split", "evaluate", "analytic_speedup"]
+
+
+def bundle_split(bundle: Bundle, spec: str | None, split: str) -> tuple[Dataset, np.ndarray]:
+    """Rows of ``split`` ('train', 'val', 'test' or 'all'); the bundle's own data set gets the exact
+    split its model was trained with (checked by fingerprint)."""
+    source = (bundle.provenance.get("source") or {}).get("data") or {}
+    spec = spec or source.get("spec")
+    if not spec:
+        raise DataError(f"bundle {bundle.name!r} does not record its data set: pass --data")
+    data = load_dataset(spec)
+    if tuple(data.label_names) != tuple(bundle.labels):
+        raise DataError(f"data set {spec!r} has labels {list(data.label_names)[:6]}..., the bundle "
+                        f"{list(bundle.labels)[:6]}...: they must be the same classes in the same order")
+    if split == "all":
+        return data, np.arange(len(data))
+    same = spec == source.get("spec")
+    splits = make_splits(data.labels, seed=int(source.get("split_seed", 0)) if same else 0)
+    if split not in splits:
+        raise DataError(f"unknown split {split!r}: use train, val, test or all")
+    idx = splits[split]
+    want = (source.get("split_digests") or {}).get(split)
+    if same and want and split_digest(idx) != want:
+        raise DataError(f"the {split} split of {spec!r} differs from the one the model was trained with "
+                        "(the data set changed?); pass --split all with separate data instead")
+    return data, idx
+
+
+def analytic_speedup(bundle: Bundle, taken: np.ndarray, thresholds: list[float | None]) -> float:
+    """Full depth over mean blocks run, counting each exit head passed as one block."""
+    blocks = [e.block for e in bundle.exits] + [bundle.num_blocks]
+    enabled = [t is not None for t in thresholds]
+    run = np.array([blocks[k] + sum(enabled[:min(k + 1, len(enabled))]) for k in range(len(blocks))])
+    return float(bundle.num_blocks / run[taken].mean())
+
+
+def evaluate(rt: Runtime, inputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
+    """Early exit at the runtime's thresholds, measured against the full model on the same rows."""
+    record = rt.record(inputs)
+    thresholds = rt.thresholds
+    taken = exit_decisions(record.confidences, thresholds)
+    early = record.predictions[np.arange(len(taken)), taken]
+    full = record.predictions[:, -1]
+    k = len(rt.bundle.exits)
+    per_exit = exit_metrics([record.predictions[:, i] for i in range(k)], full, labels,
+                            [e.block for e in rt.bundle.exits])
+    hist = np.bincount(taken, minlength=k + 1)
+    return {
+        "n": int(len(labels)), "thresholds": thresholds, "backend": rt.backend.describe(),
+        "accuracy": float((early == labels).mean()), "full_accuracy": float((full == labels).mean()),
+        "agreement_with_full": float((early == full).mean()), "disagreement_with_full": float((early != full).mean()),
+        "accuracy_drop": float(max(0.0, (full == labels).mean() - (early == labels).mean())),
+        "exit_histogram": {("final" if i == k else f"exit {i}"): int(c) for i, c in enumerate(hist)},
+        "per_exit": per_exit["exits"], "overthinking_rate": per_exit["overthinking_rate"],
+        "analytic_speedup": analytic_speedup(rt.bundle, taken, thresholds),
+        "certificate": (rt.bundle.calibration or {}).get(rt.calibration_key),
+    }

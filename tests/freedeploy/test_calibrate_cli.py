@@ -1,0 +1,73 @@
+"""``freedeploy calibrate`` / ``eval`` / ``inspect`` / ``run`` on a real exported bundle."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from freedeploy.cli import cli
+from freedeploy.data import load_dataset
+from runtimes import Runtime
+from runtimes.bundle import load_bundle
+from runtimes.errors import CalibrationError, InputError
+
+
+@pytest.fixture
+def bundle_dir(micro_bundle, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(micro_bundle.out, tmp_path / "b"))
+
+
+def _cli(args: list[str]):
+    return CliRunner().invoke(cli, args)
+
+
+def test_calibrate_writes_thresholds_and_certificate(bundle_dir: Path) -> None:
+    res = _cli(["calibrate", str(bundle_dir), "--max-disagreement", "0.3", "--epsilon", "0.1", "--json"])
+    assert res.exit_code == 0, res.stderr
+    cert = json.loads(res.stdout)
+    b = load_bundle(bundle_dir)
+    assert b.thresholds == tuple(cert["thresholds"]) and all(t is not None for t in b.thresholds)
+    stored = b.calibration["onnxruntime-fp32"]
+    assert stored["delta"] == 0.3 and stored["epsilon"] == 0.1 and stored["n"] == 80
+    assert stored["mode"] == "label-free" and stored["pvalue"] <= 0.1 and stored["expected_speedup"] > 0
+    assert Runtime.load(bundle_dir).thresholds == list(cert["thresholds"])
+    ev = _cli(["eval", str(bundle_dir), "--json"])
+    assert ev.exit_code == 0, ev.stderr
+    m = json.loads(ev.stdout)
+    assert m["certificate"]["delta"] == 0.3 and 0 <= m["disagreement_with_full"] <= 1 and m["n"] == 80
+    assert m["analytic_speedup"] > 0 and sum(m["exit_histogram"].values()) == 80
+    text = _cli(["eval", str(bundle_dir)])
+    assert "measured here" in text.stdout
+
+
+def test_uncertifiable_tolerance_leaves_the_bundle_alone(bundle_dir: Path) -> None:
+    before = (bundle_dir / "bundle.json").read_bytes()
+    res = _cli(["calibrate", str(bundle_dir), "--max-disagreement", "0.001"])
+    assert res.exit_code == CalibrationError.exit_code
+    assert "tightest this n can certify" in res.stderr and len(res.stderr.strip().splitlines()) == 2  # note + error
+    assert (bundle_dir / "bundle.json").read_bytes() == before
+
+
+def test_inspect_and_run(bundle_dir: Path, tmp_path: Path) -> None:
+    res = _cli(["inspect", str(bundle_dir), "--json"])
+    assert res.exit_code == 0, res.stderr
+    info = json.loads(res.stdout)
+    assert [s["stage"] for s in info["stages"]] == [0, 1, 2] and info["engines"] == []
+    assert info["validation"]["chain_parity"] is True
+    digits = load_dataset("digits")
+    for i in range(3):
+        Image.fromarray(digits.items[i]).save(tmp_path / f"{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    res = _cli(["run", str(bundle_dir), str(tmp_path / "0.png"), str(tmp_path / "broken.png"), str(tmp_path / "1.png"),
+                "--thresholds", "0,off", "--json"])
+    assert res.exit_code == InputError.exit_code
+    rows = json.loads(res.stdout)
+    assert [("error" in r) for r in rows] == [False, True, False]
+    assert rows[0]["exit"] == 0 and rows[0]["label"] in {str(i) for i in range(10)}
+    folder = _cli(["run", str(bundle_dir), str(tmp_path), "--thresholds", "off,off"])
+    assert folder.stdout.count("final head") == 3 and "broken.png: error" in folder.stderr
