@@ -26,15 +26,18 @@ class StageCosts:
         return float(sum(self.segments))
 
 
-def measure_costs(backend: Backend, inputs: dict[str, np.ndarray], samples: int = 32, repeats: int = 3) -> StageCosts:
-    """Median batch-1 milliseconds of every graph over ``samples`` rows x ``repeats`` rounds."""
+def measure_costs(backend: Backend, inputs: dict[str, np.ndarray], samples: int = 32, repeats: int = 3,
+                  batch: int = 1) -> StageCosts:
+    """Median milliseconds per call of every graph at ``batch`` rows, over ``samples`` calls x ``repeats``."""
     bundle = backend.bundle
     keys = bundle.graph_keys()
     times: dict[str, list[float]] = {k: [] for k in keys}
-    n = min(samples, len(next(iter(inputs.values()))))
+    total = len(next(iter(inputs.values())))
+    n = samples
     for _ in range(repeats):
         for i in range(n):
-            row = {k: v[i:i + 1] for k, v in inputs.items()}
+            rows = np.arange(i * batch, (i + 1) * batch) % total
+            row = {k: v[rows] for k, v in inputs.items()}
             state = backend.start(row)
             for key in keys[:-1]:
                 t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from calibration.int8_data import FeedReader, collect_feeds
-from exporters.graphs import GraphDef, graph_defs
+from exporters.graphs import GraphDef, graph_defs, head_cost
 from exporters.onnx_export import DEFAULT_OPSET, module2onnx
 from exporters.precision import onnx2fp16, onnx2int8
 from exporters.validate import (chain_parity, compare_files, mismatch_dicts, precision_report, record_all,
@@ -47,6 +47,7 @@ class ExportConfig:
     opset: int = DEFAULT_OPSET
     calib_samples: int = 256  # training rows that calibrate int8 activations
     confidence: str = "max_softmax"
+    exit_head: str = "auto"  # cls-query where the model pools token 0 (same function, a fraction of the work)
     validate: bool = True
     tolerance: float = 1e-4  # fp32 ONNX vs torch, max abs diff per output
     max_accuracy_drop: float = 0.02  # fp16 / int8 vs fp32 on the test split, before the export fails
@@ -81,6 +82,7 @@ def export_bundle(model: torch.nn.Module, run: dict[str, Any], data: ExportData,
     say = progress or (lambda m: log.info(m))
     t0, timings = time.perf_counter(), {}
     model = model.eval().float()
+    model.set_exit_head(cfg.exit_head)
     defs = graph_defs(model, cfg.confidence)
     precision = TARGETS[cfg.target]
     with atomic_directory(out, overwrite=cfg.overwrite) as tmp:
@@ -89,6 +91,8 @@ def export_bundle(model: torch.nn.Module, run: dict[str, Any], data: ExportData,
         timings["onnx_export_s"] = time.perf_counter() - t0
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+        config = getattr(model.hf.config, "vision_config", model.hf.config)
+        run = {**run, "exit_head": model.exit_head, "attention_heads": int(config.num_attention_heads)}
         bundle = _save(tmp, _assemble(defs, specs, run, cfg, out.name))
         validation: dict[str, Any] = {"target": cfg.target, "validated": cfg.validate}
         fp32 = OrtBackend(bundle, "fp32", threads=None)
@@ -135,8 +139,14 @@ def _assemble(defs: list[GraphDef], specs: dict[str, tuple], run: dict[str, Any]
         return GraphSpec({"fp32": f"onnx/{key}.onnx"}, *specs[key])
 
     exits, bounds = run["exits"], _bounds(run["exits"], run["num_blocks"])
-    stages = tuple(StageSpec(k, bounds[k], graph(f"segment_{k}"),
-                             ExitSpec(exits[k], graph(f"exit_{k}"), cfg.confidence, None) if k < len(exits) else None)
+
+    def exit_spec(k: int) -> ExitSpec:
+        g = graph(f"exit_{k}")
+        tokens, width = g.inputs[0].shape[1], g.inputs[0].shape[2]  # hidden_<e>: (batch, T, C)
+        cost = head_cost(run["exit_head"], tokens, width, run["attention_heads"])
+        return ExitSpec(exits[k], g, cfg.confidence, None, run["exit_head"], cost)
+
+    stages = tuple(StageSpec(k, bounds[k], graph(f"segment_{k}"), exit_spec(k) if k < len(exits) else None)
                    for k in range(len(bounds)))
     return Bundle(name=name, labels=tuple(run["labels"]), preprocess=spec_from_dict(run["preprocess"]),
                   inputs=specs["full"][0], batch=BatchSpec(1, cfg.opt_batch, cfg.max_batch), stages=stages,

@@ -21,7 +21,17 @@ from torch import nn
 if TYPE_CHECKING:  # exporters never import freedeploy at run time: the model arrives as an object
     from freedeploy.model import EarlyExitModel
 
-__all__ = ["GraphDef", "graph_defs", "CONFIDENCE_TORCH"]
+__all__ = ["GraphDef", "graph_defs", "CONFIDENCE_TORCH", "head_cost"]
+
+
+def head_cost(kind: str, tokens: int, width: int, heads: int) -> float:
+    """An exit head's block in backbone blocks of multiply-adds. A full block does 12 N d^2 + 2 N^2 d
+    (projections and MLP for N tokens, attention); a cls-query block folds the key and value
+    projections into its one query (freedeploy.adapters.attend_one_query): 12 d^2 + 2 H N d."""
+    if kind == "full-block":
+        return 1.0
+    n, d = float(tokens), float(width)
+    return (12 * d * d + 2 * heads * n * d) / (12 * n * d * d + 2 * n * n * d)
 
 
 def _max_softmax(p: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,30 @@ class MeanPool(nn.Module):
         return torch.mean(hidden[:, self.start:, :], dim=1)
 
 
+def attend_one_query(query_in: torch.Tensor, kv_in: torch.Tensor, q_proj: nn.Linear, k_proj: nn.Linear,
+                     v_proj: nn.Linear, heads: int, head_dim: int, scaling: float, mask: torch.Tensor | None,
+                     dropout: float, training: bool) -> torch.Tensor:
+    """Multi-head attention for one query row against every token: (B, 1, C), (B, T, C) -> (B, 1, H*d).
+
+    The key and value projections are folded into the one query instead of being applied to all T
+    tokens: per head, q . (W_k x_t + b_k) = (W_k^T q) . x_t + const, and the constant cancels in the
+    softmax; sum_t p_t (W_v x_t + b_v) = W_v (sum_t p_t x_t) + (sum_t p_t) b_v. The same function as
+    eager attention's row for that query, at O(T C + C^2) instead of O(T C^2) multiply-adds.
+    """
+    b, t, c = kv_in.shape
+    q = q_proj(query_in).view(b, 1, heads, head_dim).transpose(1, 2)  # (B, H, 1, d)
+    w_k = k_proj.weight.view(heads, head_dim, c)  # (H, d, C)
+    scores = torch.matmul(torch.matmul(q, w_k), kv_in.unsqueeze(1).transpose(2, 3)) * scaling  # (B, H, 1, T)
+    if mask is not None:
+        scores = scores + mask  # (B, 1, 1, T) broadcasts over heads
+    probs = nn.functional.dropout(torch.softmax(scores, dim=-1), p=dropout, training=training)
+    mixed = torch.matmul(probs, kv_in.unsqueeze(1))  # (B, H, 1, C): attention-weighted inputs
+    ctx = torch.matmul(mixed, v_proj.weight.view(heads, head_dim, c).transpose(1, 2))  # (B, H, 1, d)
+    if v_proj.bias is not None:
+        ctx = ctx + probs.sum(dim=-1, keepdim=True) * v_proj.bias.view(1, heads, 1, head_dim)
+    return ctx.transpose(1, 2).reshape(b, 1, heads * head_dim)
+
+
 class Adapter(ABC):
     """Describes one family; holds no modules, so it is free to share and to copy."""
 
@@ -94,6 +118,11 @@ class Adapter(ABC):
         """One block; ``mask`` is the additive (B, 1, 1, T) float mask or None."""
         return block(hidden, mask)
 
+    def call_block_query(self, block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """One block evaluated for token 0 only: (B, T, C) -> (B, 1, C), equal to ``call_block(...)[:, :1]``
+        up to float rounding. Only for ``pooling == "cls"`` adapters."""
+        raise ModelError(f"adapter {self.name!r} pools over every token: its exit heads need the full block")
+
     def num_blocks(self, hf: nn.Module) -> int:
         return len(self.blocks(hf))
 
@@ -112,6 +141,14 @@ class _VitLike(Adapter):
 
     def final_norm(self, hf: nn.Module) -> nn.Module:
         return getattr(hf, self.base).layernorm
+
+    def call_block_query(self, block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        a = block.attention  # pre-LN: x + attn(LN(x)), then h + MLP(LN(h))
+        x = block.layernorm_before(hidden)
+        ctx = attend_one_query(x[:, :1], x, a.q_proj, a.k_proj, a.v_proj, a.num_attention_heads, a.head_dim,
+                               a.scaling, mask, a.attention_dropout, block.training)
+        h = block.dropout(a.o_proj(ctx)) + hidden[:, :1]
+        return block.dropout(block.mlp(block.layernorm_after(h))) + h
 
 
 @register
@@ -175,3 +212,10 @@ class BertAdapter(Adapter):
 
     def pool(self, hf: nn.Module) -> nn.Module:
         return hf.bert.pooler  # dense + tanh over token 0
+
+    def call_block_query(self, block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        sa = block.attention.self  # post-LN: LN(x + attn(x)), then LN(h + FFN(h))
+        ctx = attend_one_query(hidden[:, :1], hidden, sa.query, sa.key, sa.value, sa.num_attention_heads,
+                               sa.attention_head_size, sa.scaling, mask, sa.dropout.p, block.training)
+        h = block.attention.output(ctx, hidden[:, :1])
+        return block.output(block.intermediate(h), h)

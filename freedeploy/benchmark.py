@@ -22,7 +22,7 @@ from calibration.thresholds import exit_decisions
 from freedeploy.evaluation import analytic_speedup
 from runtimes.runtime import Runtime
 
-__all__ = ["latency", "throughput", "summarise"]
+__all__ = ["latency", "throughput", "summarise", "interleaved", "stats_ms", "head_costs"]
 
 
 def _rows(inputs: dict[str, np.ndarray], start: int, n: int) -> dict[str, np.ndarray]:
@@ -45,7 +45,7 @@ def _variants(rt: Runtime, torch_fn: Callable | None, policy: str) -> dict[str, 
     return out
 
 
-def _interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, np.ndarray], batch: int,
+def interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, np.ndarray], batch: int,
                  runs: int, warmup: int, seed: int) -> dict[str, np.ndarray]:
     """Seconds per call of every variant: each round feeds all variants the same real rows, in a
     shuffled order."""
@@ -66,7 +66,7 @@ def _interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, n
 def latency(rt: Runtime, inputs: dict[str, np.ndarray], runs: int = 200, warmup: int = 20,
             torch_fn: Callable | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Batch-1 seconds per call for every variant, ``runs`` rounds over successive real samples."""
-    return _interleaved(_variants(rt, torch_fn, "per_sample"), inputs, 1, runs, warmup, seed)
+    return interleaved(_variants(rt, torch_fn, "per_sample"), inputs, 1, runs, warmup, seed)
 
 
 def throughput(rt: Runtime, inputs: dict[str, np.ndarray], batch: int, runs: int = 30, warmup: int = 3,
@@ -75,7 +75,24 @@ def throughput(rt: Runtime, inputs: dict[str, np.ndarray], batch: int, runs: int
     variants = _variants(rt, torch_fn, "per_sample")
     variants["early_exit/per_sample"] = variants.pop("early_exit")
     variants["early_exit/batch"] = _variants(rt, None, "batch")["early_exit"]
-    return _interleaved(variants, inputs, batch, runs, warmup, seed)
+    return interleaved(variants, inputs, batch, runs, warmup, seed)
+
+
+def head_costs(rt: Runtime, inputs: dict[str, np.ndarray], samples: int = 32, batch: int = 1) -> dict[str, Any]:
+    """Each exit head's measured cost at ``batch`` rows as a fraction of one backbone block, and
+    the ceiling that follows: the speed-up if every sample left at the first exit."""
+    from calibration.costs import measure_costs
+
+    costs = measure_costs(rt.backend, inputs, samples=samples, batch=batch)
+    stages = rt.bundle.stages
+    middle = [(costs.segments[s.index], s.blocks[1] - s.blocks[0]) for s in stages[1:-1]] or \
+        [(costs.segments[s.index], s.blocks[1] - s.blocks[0]) for s in stages]
+    per_block = sum(c for c, _ in middle) / sum(n for _, n in middle)  # segments of pure backbone blocks
+    fractions = [c / per_block for c in costs.exits]
+    first = rt.bundle.exits[0]
+    return {"block_ms": per_block, "head_ms": list(costs.exits), "head_fraction_of_block": fractions,
+            "head_kind": [e.head for e in rt.bundle.exits], "head_analytic_fraction": [e.cost for e in rt.bundle.exits],
+            "ceiling_speedup": rt.bundle.num_blocks / (first.block + fractions[0])}
 
 
 def stats_ms(t: np.ndarray) -> dict[str, float]:
@@ -85,9 +102,11 @@ def stats_ms(t: np.ndarray) -> dict[str, float]:
 
 
 def summarise(rt: Runtime, inputs: dict[str, np.ndarray], lat: dict[str, np.ndarray],
-              thr: dict[int, dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Ratios against the monolithic graph, with the analytic speed-up on the same samples."""
-    record = rt.record(_rows(inputs, 0, len(lat["full"])))
+              thr: dict[int, dict[str, np.ndarray]], labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Ratios against the monolithic graph, with the analytic speed-up on the same samples (the
+    batch-1 rounds cycled through the inputs in order, so the first rows are the ones timed)."""
+    n = len(lat["full"])
+    record = rt.record(_rows(inputs, 0, n))
     taken = exit_decisions(record.confidences, rt.thresholds)
     analytic = analytic_speedup(rt.bundle, taken, rt.thresholds)
     full = lat["full"]
@@ -99,7 +118,13 @@ def summarise(rt: Runtime, inputs: dict[str, np.ndarray], lat: dict[str, np.ndar
         "no_exit_over_full_median": float(np.median(lat["no_exit"]) / np.median(full)),
         "never_exits_over_full_mean": float(lat["never_exits"].mean() / full.mean()),
         "exit_histogram": (np.bincount(taken, minlength=len(rt.bundle.exits) + 1) / len(taken)).tolist(),
+        "exit_blocks": [e.block for e in rt.bundle.exits],
     }
+    if labels is not None:
+        y = labels[np.arange(n) % len(labels)]
+        early = record.predictions[np.arange(n), taken]
+        out["accuracy"] = float((early == y).mean())
+        out["full_accuracy"] = float((record.predictions[:, -1] == y).mean())
     out["measured_over_analytic"] = out["measured_speedup_mean"] / analytic
     if "torch" in lat:
         out["torch_over_full_median"] = float(np.median(lat["torch"]) / np.median(full))

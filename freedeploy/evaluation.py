@@ -45,10 +45,11 @@ def bundle_split(bundle: Bundle, spec: str | None, split: str) -> tuple[Dataset,
 
 
 def analytic_speedup(bundle: Bundle, taken: np.ndarray, thresholds: list[float | None]) -> float:
-    """Full depth over mean blocks run, counting each exit head passed as one block."""
+    """Full depth over mean blocks run, counting each exit head passed at its analytic cost (one
+    block for a full-block head, about a sixth for a cls-query head)."""
     blocks = [e.block for e in bundle.exits] + [bundle.num_blocks]
-    enabled = [t is not None for t in thresholds]
-    run = np.array([blocks[k] + sum(enabled[:min(k + 1, len(enabled))]) for k in range(len(blocks))])
+    heads = [e.cost if t is not None else 0.0 for e, t in zip(bundle.exits, thresholds)]
+    run = np.array([blocks[k] + sum(heads[:min(k + 1, len(heads))]) for k in range(len(blocks))])
     return float(bundle.num_blocks / run[taken].mean())
 
 

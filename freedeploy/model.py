@@ -8,6 +8,11 @@ The exit convention lives here and nowhere else:
   ``[e_k, e_{k+1})``, the last segment = blocks ``[e_K, L)`` followed by the final head;
 - an exit head is one block of the backbone's own kind (a copy of block ``e`` in 0-based terms,
   the block that would run next), the final norm, the pooler and the classifier, all copied.
+
+Exit heads of adapters that pool the first token evaluate their block for that token only
+(``cls-query``): keys and values over every token, the query, attention, output projection and MLP
+for one row. It is the same function as the full block (``full-block``) up to float rounding, at
+about a sixth of the work; mean-pooling adapters keep the full block.
 """
 
 from __future__ import annotations
@@ -22,7 +27,22 @@ from torch import nn
 from freedeploy.adapters import Adapter
 from runtimes.errors import ModelError
 
-__all__ = ["EarlyExitModel", "ExitHead", "EarlyExitOutput", "check_exits", "segment_bounds", "additive_mask"]
+__all__ = ["EarlyExitModel", "ExitHead", "EarlyExitOutput", "check_exits", "segment_bounds", "additive_mask",
+           "EXIT_HEADS", "resolve_exit_head"]
+
+EXIT_HEADS = ("cls-query", "full-block")
+
+
+def resolve_exit_head(adapter: Adapter, requested: str = "auto") -> str:
+    """``auto`` -> cls-query where the adapter pools token 0, full-block otherwise."""
+    if requested == "auto":
+        return "cls-query" if adapter.pooling == "cls" else "full-block"
+    if requested not in EXIT_HEADS:
+        raise ModelError(f"exit head must be auto, cls-query or full-block, got {requested!r}")
+    if requested == "cls-query" and adapter.pooling != "cls":
+        raise ModelError(f"{adapter.name} pools over every token ({adapter.pooling} pooling): its exit heads need "
+                         "the full block (--exit-head full-block)")
+    return requested
 
 
 def check_exits(exits: Sequence[int], num_blocks: int) -> tuple[int, ...]:
@@ -60,14 +80,15 @@ class ExitHead(nn.Module):
     """FREE exit: one transformer block, the final norm, the pooler and the classifier."""
 
     def __init__(self, adapter: Adapter, block: nn.Module, norm: nn.Module, pool: nn.Module,
-                 classifier: nn.Module) -> None:
+                 classifier: nn.Module, query_only: bool = False) -> None:
         super().__init__()
-        self.adapter = adapter
+        self.adapter, self.query_only = adapter, query_only
         self.block, self.norm, self.pool, self.classifier = block, norm, pool, classifier
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, C) hidden states, additive mask -> logits (B, classes), pooled feature (B, C)."""
-        feature = self.pool(self.norm(self.adapter.call_block(self.block, hidden, mask)))
+        call = self.adapter.call_block_query if self.query_only else self.adapter.call_block
+        feature = self.pool(self.norm(call(self.block, hidden, mask)))  # (B, 1 or T, C) -> (B, C)
         return self.classifier(feature), feature
 
 
@@ -85,13 +106,21 @@ class EarlyExitModel(nn.Module):
 
     additive_mask = staticmethod(additive_mask)  # for callers that only hold the model (exporters)
 
-    def __init__(self, hf: nn.Module, adapter: Adapter, exits: Sequence[int], exit_init: str = "copy") -> None:
+    def __init__(self, hf: nn.Module, adapter: Adapter, exits: Sequence[int], exit_init: str = "copy",
+                 exit_head: str = "auto") -> None:
         super().__init__()
         self.hf = hf
         self.adapter = adapter
         self.exits = check_exits(exits, adapter.num_blocks(hf))
         self.exit_init = exit_init
+        self.exit_head = resolve_exit_head(adapter, exit_head)
         self.heads = nn.ModuleList(self._new_head(e) for e in self.exits)
+
+    def set_exit_head(self, kind: str) -> None:
+        """Switch every head between cls-query and full-block evaluation (the weights are shared)."""
+        self.exit_head = resolve_exit_head(self.adapter, kind)
+        for head in self.heads:
+            head.query_only = self.exit_head == "cls-query"
 
     @property
     def num_blocks(self) -> int:
@@ -110,7 +139,7 @@ class EarlyExitModel(nn.Module):
         if self.exit_init == "random":
             block.apply(hf._init_weights)
         return ExitHead(a, block, copy.deepcopy(a.final_norm(hf)), copy.deepcopy(a.pool(hf)),
-                        copy.deepcopy(a.classifier(hf)))
+                        copy.deepcopy(a.classifier(hf)), query_only=self.exit_head == "cls-query")
 
     def reset_heads(self) -> None:
         """Re-initialise every head from the current backbone (after fine-tuning it)."""

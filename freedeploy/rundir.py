@@ -65,6 +65,7 @@ def save_run(directory: Path, model: EarlyExitModel, manifest: dict[str, Any], s
         "hf_config": model.hf.config.to_dict(),
         "exits": list(model.exits),
         "exit_init": model.exit_init,
+        "exit_head": model.exit_head,
         **manifest,
     }
     save_model(model, os.fspath(directory / WEIGHTS))
@@ -104,7 +105,8 @@ def load_run(path: str | os.PathLike) -> tuple[EarlyExitModel, RunInfo]:
     hf, adapter = build_from_config(config)
     if adapter.name != manifest["adapter"]:
         raise ModelError(f"{path}: config is a {adapter.name} model but the manifest says {manifest['adapter']}")
-    model = EarlyExitModel(hf, adapter, manifest["exits"], exit_init=manifest.get("exit_init", "copy"))
+    model = EarlyExitModel(hf, adapter, manifest["exits"], exit_init=manifest.get("exit_init", "copy"),
+                           exit_head=manifest.get("exit_head", "full-block"))
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{path} has no {WEIGHTS}")

@@ -54,6 +54,7 @@ class TrainConfig:
     adv_weight: float = 0.1  # adversarial (FREE) weight once ramped in
     adv_warmup: float = 0.2  # fraction of stage-2 steps trained without the adversarial term
     exit_init: str = "copy"  # exit block initialised from a copy of the next backbone block, or random
+    exit_head: str = "auto"  # cls-query (token 0 only: same function, ~1/6 of the work) or full-block
     augment: str = "auto"  # shift | none; auto: random shifts for images, none for text
     max_length: int | None = None  # text: tokens per sequence; None: 99th percentile of the data
     seed: int = 0  # model init, labelled subset and batch order
@@ -279,7 +280,8 @@ def train(cfg: TrainConfig, on_stage: Callable[[str], None] | None = None) -> Tr
         cfg = _resolve(cfg, backbone)
         splits = make_splits(data.labels, seed=cfg.split_seed)
         labelled = labelled_subset(splits["train"], data.labels, cfg.labelled_fraction, cfg.seed)
-        model = EarlyExitModel(backbone.hf, backbone.adapter, cfg.exits, exit_init=cfg.exit_init).to(ctx.device)
+        model = EarlyExitModel(backbone.hf, backbone.adapter, cfg.exits, exit_init=cfg.exit_init,
+                               exit_head=cfg.exit_head).to(ctx.device)
         with atomic_directory(cfg.out, overwrite=cfg.overwrite) if ctx.is_main else _scratch() as out_dir:
             spec = make_preprocess(backbone, data, splits["train"], out_dir, cfg.max_length)
             encode = Encoder(data, spec, out_dir)

@@ -62,6 +62,8 @@ class ExitSpec:
     graph: GraphSpec
     confidence: str  # name of the confidence function computed in the graph (runtimes.confidence)
     threshold: float | None  # exit when confidence >= threshold; None: this exit never fires
+    head: str = "full-block"  # cls-query: the head's block runs for the pooled token only
+    cost: float = 1.0  # analytic cost of the head in backbone blocks (multiply-adds)
 
 
 @dataclass(frozen=True)
@@ -259,9 +261,13 @@ def _graph(obj: Any, where: str) -> GraphSpec:
 
 def _exit(obj: Any, where: str) -> ExitSpec:
     threshold = _need(obj, "threshold", (int, float, type(None)), where)
+    head = _need(obj, "head", str, where) if "head" in obj else "full-block"
+    cost = float(_need(obj, "cost", (int, float), where)) if "cost" in obj else 1.0
+    if head not in ("cls-query", "full-block") or not 0.0 < cost <= 2.0:
+        raise BundleError(f"{where}: head must be cls-query or full-block with a cost in (0, 2], found {head!r}, {cost}")
     return ExitSpec(block=_need(obj, "block", int, where), graph=_graph(_need(obj, "graph", dict, where), where + ".graph"),
                     confidence=_need(obj, "confidence", str, where),
-                    threshold=None if threshold is None else float(threshold))
+                    threshold=None if threshold is None else float(threshold), head=head, cost=cost)
 
 
 def _stage(obj: Any, where: str) -> StageSpec:

@@ -52,11 +52,14 @@ def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
 @click.option("--data", "data_spec", help="Data spec for real inputs [default: the bundle's own].")
 @click.option("--split", default="test", show_default=True)
 @click.option("--run", "run_dir", type=click.Path(file_okay=False), help="Run dir: adds eager torch as a variant.")
+@click.option("--plot", "plot_dir", type=click.Path(file_okay=False),
+              help="Write speedup_accuracy.png (a measured threshold sweep) and exit_histogram.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None, precision: str | None,
-          threads: int | None, runs: int, batch_runs: int, data_spec: str | None, split: str, run_dir: str | None, as_json: bool) -> None:
+          threads: int | None, runs: int, batch_runs: int, data_spec: str | None, split: str, run_dir: str | None,
+          plot_dir: str | None, as_json: bool) -> None:
     """Latency and throughput of the early-exit chain against the monolithic graph."""
-    from freedeploy.benchmark import latency, summarise, throughput
+    from freedeploy.benchmark import head_costs, latency, summarise, throughput
     from freedeploy.evaluation import bundle_split
     from runtimes import Runtime
 
@@ -70,8 +73,20 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
     thr = {b: throughput(rt, inputs, b, runs=batch_runs, torch_fn=torch_fn) for b in batches if b > 1}
     if lat is None:
         lat = latency(rt, inputs, runs=20, torch_fn=torch_fn)
-    report = summarise(rt, inputs, lat, thr)
+    labels = data.labels[idx]
+    report = summarise(rt, inputs, lat, thr, labels)
+    report["heads"] = head_costs(rt, inputs)
+    if max(batches) > 1:
+        report["heads_at_batch"] = {str(max(batches)): head_costs(rt, inputs, samples=8, batch=max(batches))}
     report.update(backend=rt.backend.describe(), thresholds=rt.thresholds, data={"spec": data.spec, "split": split})
+    if plot_dir:
+        from pathlib import Path
+
+        from freedeploy.plots import plot_all, threshold_sweep
+
+        note("measuring a threshold sweep for the plot")
+        report["sweep"] = threshold_sweep(rt, inputs, labels)
+        report["plots"] = [str(p) for p in plot_all(Path(plot_dir), report["sweep"])]
     rt.close()
     if as_json:
         emit_json(report)
@@ -88,6 +103,20 @@ def bench_table(r: dict[str, Any]) -> str:
              f"analytic speed-up {r['analytic_speedup']:.2f}x; measured/analytic {r['measured_over_analytic']:.2f}",
              f"chain with exits off vs monolithic (median): {r['no_exit_over_full_median']:.3f}x; "
              f"a sample that never exits costs {r['never_exits_over_full_mean']:.2f}x the monolithic model"]
+    h = r.get("heads")
+    if h:
+        lines.append("exit heads (" + ", ".join(h["head_kind"]) + "): measured cost "
+                     + ", ".join(f"{f:.2f}" for f in h["head_fraction_of_block"]) + " of a backbone block ("
+                     + f"{h['block_ms']:.3f} ms); analytic " + ", ".join(f"{f:.2f}" for f in h["head_analytic_fraction"])
+                     + f"; ceiling (everything leaves at the first exit) {h['ceiling_speedup']:.2f}x")
+    for batch, hb in r.get("heads_at_batch", {}).items():
+        lines.append(f"exit heads at batch {batch}: measured cost "
+                     + ", ".join(f"{f:.2f}" for f in hb["head_fraction_of_block"]) + " of a backbone block")
+    if "accuracy" in r:
+        lines.append(f"accuracy on the timed samples: early exit {100 * r['accuracy']:.2f}%, full model "
+                     f"{100 * r['full_accuracy']:.2f}%")
+    for p in r.get("plots", []):
+        lines.append(f"wrote {p}")
     for batch, t in r["throughput"].items():
         lines.append("")
         lines.append(f"batch {batch} throughput (samples/s, median of {r['throughput_runs']} interleaved runs)")

@@ -43,20 +43,23 @@ class TargetType(click.ParamType):
               help="Training samples that calibrate int8 activations.")
 @click.option("--confidence", type=click.Choice(["max_softmax", "margin", "entropy"]), default="max_softmax",
               show_default=True)
+@click.option("--exit-head", type=click.Choice(["auto", "cls-query", "full-block"]), default="auto", show_default=True,
+              help="auto: exit graphs evaluate their block for the pooled [CLS] token only where the model pools it "
+                   "(same results, a fraction of the cost); full-block keeps the whole block.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.02, show_default=True,
               help="fp16 / int8: allowed test-accuracy loss against fp32 before the export fails.")
 @click.option("--no-validate", is_flag=True, help="Skip validation against torch (not recommended).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True)
 def export(run_dir: str, target: str, out: str | None, max_batch: int, opt_batch: int, opset: int,
-           calib_samples: int, confidence: str, max_accuracy_drop: float, no_validate: bool, overwrite: bool,
+           calib_samples: int, confidence: str, exit_head: str, max_accuracy_drop: float, no_validate: bool, overwrite: bool,
            as_json: bool) -> None:
     """Export a run dir to a bundle: every segment and exit head as ONNX, validated against torch."""
     from freedeploy.exporting import export_run
 
     out_path = Path(out or f"bundles/{Path(run_dir).name}")
     result = export_run(Path(run_dir), out_path, target=target, max_batch=max_batch, opt_batch=opt_batch,
-                        opset=opset, calib_samples=calib_samples, confidence=confidence,
+                        opset=opset, calib_samples=calib_samples, confidence=confidence, exit_head=exit_head,
                         max_accuracy_drop=max_accuracy_drop, validate=not no_validate, overwrite=overwrite,
                         progress=None if as_json else note)
     build = _maybe_build(out_path, target, as_json)

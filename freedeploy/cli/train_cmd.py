@@ -65,6 +65,9 @@ def _literal(raw: str) -> Any:
 @click.option("--adv-warmup", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
               help="Share of stage 2 trained before the adversarial term ramps in.")
 @click.option("--exit-init", type=click.Choice(["copy", "random"]), default="copy", show_default=True)
+@click.option("--exit-head", type=click.Choice(["auto", "cls-query", "full-block"]), default="auto", show_default=True,
+              help="auto: evaluate exit blocks for the pooled [CLS] token only where the model pools it "
+                   "(the same function at a fraction of the work), the full block otherwise.")
 @click.option("--augment", type=click.Choice(["auto", "shift", "none"]), default="auto", show_default=True,
               help="Training augmentation; auto: random shifts for images, none for text.")
 @click.option("--max-length", type=click.IntRange(min=2), help="Text: tokens per sequence [default: 99th percentile].")

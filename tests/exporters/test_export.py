@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
@@ -94,3 +95,30 @@ def test_existing_bundle_is_kept(vision_run: Path, onnx_bundle) -> None:
         export_run(vision_run, onnx_bundle.out, target="onnx")
     assert (onnx_bundle.out / "bundle.json").read_bytes() == before
     load_bundle(onnx_bundle.out)
+
+
+def test_cls_query_and_full_block_bundles_agree(vision_run: Path, onnx_bundle, tmp_path: Path, test_inputs) -> None:
+    from runtimes import Runtime
+
+    cheap = onnx_bundle.bundle
+    assert all(e.head == "cls-query" and e.cost < 0.3 for e in cheap.exits)
+    full = export_run(vision_run, tmp_path / "full", target="onnx", max_batch=16, exit_head="full-block").bundle
+    assert all(e.head == "full-block" and e.cost == 1.0 for e in full.exits)
+    a = Runtime.load(onnx_bundle.out).record(test_inputs)
+    b = Runtime.load(tmp_path / "full").record(test_inputs)
+    assert np.abs(a.confidences - b.confidences).max() <= 1e-5
+    assert np.array_equal(a.predictions, b.predictions)
+    nodes = [len(onnx.load(str(root / bnd.exits[0].graph.files["fp32"])).graph.node)
+             for root, bnd in ((onnx_bundle.out, cheap), (tmp_path / "full", full))]
+    assert nodes[0] > 0 and nodes[1] > 0
+
+
+@pytest.fixture(scope="module")
+def test_inputs(vision_run: Path) -> dict:
+    from freedeploy.exporting import run_split
+    from freedeploy.inputs import Encoder
+    from freedeploy.rundir import load_run
+
+    _, info = load_run(vision_run)
+    data, idx = run_split(info, "test")
+    return Encoder(data, info.preprocess, info.path)(idx)

@@ -90,3 +90,53 @@ def test_segment_bounds_convention() -> None:
 def test_bad_exits_are_model_errors(exits: tuple, words: str) -> None:
     with pytest.raises(ModelError, match=words):
         check_exits(exits, 8)
+
+
+CLS_ADAPTERS = sorted(n for n, (p, _) in ADAPTER_CASES.items() if ADAPTERS[n].pooling == "cls")
+
+
+@pytest.mark.parametrize("name", CLS_ADAPTERS)
+def test_cls_query_head_equals_the_full_block_head(name: str) -> None:
+    preset, extra = ADAPTER_CASES[name]
+    torch.manual_seed(1)
+    bb = load_backbone(preset, ("a", "b", "c"), {**MICRO, **extra})
+    model = EarlyExitModel(bb.hf, bb.adapter, (1, 3)).eval()
+    assert model.exit_head == "cls-query" and all(h.query_only for h in model.heads)
+    inputs = _inputs(bb.adapter.modality)
+    with torch.no_grad():
+        cheap = model(inputs)
+        model.set_exit_head("full-block")
+        full = model(inputs)
+    for a, b in zip(cheap.exit_logits, full.exit_logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+    for a, b in zip(cheap.exit_features, full.exit_features):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_cls_query_trains_like_the_full_block() -> None:
+    """The two forms compute one function, so one training step moves the weights alike."""
+    bb = load_backbone("vit-tiny", ("a", "b", "c"), MICRO)
+    grads = {}
+    for kind in ("cls-query", "full-block"):
+        torch.manual_seed(0)
+        model = EarlyExitModel(bb.hf, bb.adapter, (2,), exit_head=kind).eval()
+        x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+        hidden, mask = model.embed({"pixel_values": x})
+        hidden = model.run_blocks(hidden, mask, 0, 2)
+        loss = torch.nn.functional.cross_entropy(model.heads[0](hidden, mask)[0], torch.tensor([0, 1, 2, 0]))
+        loss.backward()
+        grads[kind] = {n: p.grad.clone() for n, p in model.heads[0].named_parameters() if p.grad is not None}
+    # the key bias shifts every score of a row equally, so the softmax ignores it: cls-query never
+    # touches it, and the full block's gradient for it is zero up to rounding
+    for n in grads["full-block"].keys() - grads["cls-query"].keys():
+        assert "k_proj.bias" in n and grads["full-block"][n].abs().max() < 1e-6
+    for n in grads["cls-query"]:
+        torch.testing.assert_close(grads["cls-query"][n], grads["full-block"][n], atol=1e-5, rtol=1e-4)
+
+
+def test_mean_pooling_keeps_the_full_block() -> None:
+    bb = load_backbone("clip-tiny", ("a", "b"), MICRO)
+    assert EarlyExitModel(bb.hf, bb.adapter, (2,)).exit_head == "full-block"
+    with pytest.raises(ModelError, match="full block"):
+        EarlyExitModel(bb.hf, bb.adapter, (2,), exit_head="cls-query")
