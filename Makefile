@@ -21,13 +21,15 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The whole path on the built-in digits data: train FREE exits, export a validated bundle,
-# certify thresholds on the validation split, evaluate on the test split, run a few predictions.
+# certify thresholds on the validation split, evaluate on the test split, run a few predictions,
+# and benchmark the bundle against its monolithic export.
 demo: $(STAMP)
 	$(BIN)/freedeploy train --model vit-tiny --data digits --exits 2,4,6 --out $(DEMO)/runs/digits --overwrite
 	$(BIN)/freedeploy export $(DEMO)/runs/digits --target onnx --out $(DEMO)/bundles/digits --overwrite
 	$(BIN)/freedeploy calibrate $(DEMO)/bundles/digits --split val --max-disagreement 0.01 --epsilon 0.05
 	$(BIN)/freedeploy eval $(DEMO)/bundles/digits --split test
 	$(BIN)/python examples/predict.py $(DEMO)/bundles/digits 8
+	$(BIN)/freedeploy bench $(DEMO)/bundles/digits --batch 1,32
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
