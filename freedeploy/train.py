@@ -160,9 +160,14 @@ def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str,
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
+    import sys
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True)
+    # a terminal gets a live bar; a log file (CI, nohup) gets a line every 30 s instead of thousands
+    live = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True,
+                mininterval=0.1 if live else 30.0)
 
 
 def finetune(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool: np.ndarray,
