@@ -45,6 +45,8 @@ def module2onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], input_nam
         outputs = module(*args)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     captured = io.StringIO()
+    # the exporter warns about every torchvision operator it cannot register when torchvision is absent
+    logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
     try:
         # the exporter prints progress on stdout, which must stay clean for --json output
         with contextlib.redirect_stdout(captured), warnings.catch_warnings():

@@ -99,6 +99,7 @@ class ExitObjective(nn.Module):
         stats: dict = {"features": []}
         for head, h in zip(self.heads, hidden):
             logits, feature = head(h, mask)  # (B, classes), (B, C)
+            logits = logits.float()  # losses in fp32 under bf16 autocast
             stats["features"].append(feature.detach())
             if w.ce and labelled.any():
                 total = total + w.ce * F.cross_entropy(logits[labelled], labels[labelled])

@@ -180,15 +180,35 @@ def load_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
     bundle = replace(bundle, root=root)
     for rel, digest in bundle.files.items():
         path = _inside(root, rel)
-        if not path.is_file():
-            raise BundleError(f"{manifest}: listed file {rel} is missing")
-        if verify and sha256_file(path) != digest:
-            raise BundleError(f"{manifest}: checksum mismatch for {rel}: the file was changed or corrupted")
+        try:
+            if not path.is_file():
+                raise BundleError(f"{manifest}: listed file {rel} is missing")
+            if verify and sha256_file(path) != digest:
+                raise BundleError(f"{manifest}: checksum mismatch for {rel}: the file was changed or corrupted")
+        except OSError as exc:
+            raise BundleError(f"{manifest}: listed file {rel[:80]} cannot be read: {exc.strerror}") from None
     for graph in _graphs(bundle):
         for rel in graph.files.values():
+            _inside(root, rel)
             if rel not in bundle.files:
                 raise BundleError(f"{manifest}: graph file {rel} has no checksum in 'files'")
+    if verify:
+        _no_extra_files(root, bundle)
     return bundle
+
+
+def _no_extra_files(root: Path, bundle: Bundle) -> None:
+    """Every file must be listed, except engine sets (self-described by their build.json) and the
+    temporary file of an atomic manifest write in progress."""
+    listed = set(bundle.files) | {MANIFEST}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir() or rel.split("/")[0] == "engines" or rel in listed:
+            continue
+        if path.name.startswith(f".{MANIFEST}.") and path.name.endswith(".tmp"):
+            continue
+        raise BundleError(f"{root / MANIFEST}: file {rel} is in the bundle but not listed in it (added or "
+                          "left behind?); remove it or re-export")
 
 
 def _graphs(bundle: Bundle) -> list[GraphSpec]:
@@ -204,10 +224,15 @@ def _inside(root: Path, relative: str) -> Path:
     """Resolve ``relative`` under ``root``; refuse absolute paths, '..' and symlinks leading outside."""
     if not isinstance(relative, str) or not relative or os.path.isabs(relative) or relative.startswith(("/", "\\")):
         raise BundleError(f"bundle path {relative!r} must be relative to the bundle directory")
+    if "\x00" in relative or len(relative) > 1024:
+        raise BundleError(f"bundle path {relative[:80]!r} is not a usable file name")
     if ".." in Path(relative).parts:
         raise BundleError(f"bundle path {relative!r} leaves the bundle directory")
-    base = root.resolve()
-    path = (root / relative).resolve()
+    try:
+        base = root.resolve()
+        path = (root / relative).resolve()
+    except (OSError, ValueError, RuntimeError) as exc:  # too long, a symlink loop, ...
+        raise BundleError(f"bundle path {relative[:80]!r} cannot be resolved: {exc}") from None
     if path != base and base not in path.parents:
         raise BundleError(f"bundle path {relative!r} resolves outside the bundle (a symlink?)")
     return path

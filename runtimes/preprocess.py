@@ -135,6 +135,18 @@ def encode_images(spec: ImageSpec, items: Sequence[Any]) -> dict[str, np.ndarray
     return {spec.input_name: out}
 
 
+def _as_text(item: str | bytes, index: int) -> str:
+    if isinstance(item, (bytes, bytearray)):
+        try:
+            return bytes(item).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"text input {index} is not valid UTF-8 ({exc.reason} at byte {exc.start}); decode it "
+                             "with its real encoding first") from None
+    if not isinstance(item, str):
+        raise InputError(f"text inputs must be str (or UTF-8 bytes), got {type(item).__name__}")
+    return item
+
+
 class TextEncoder:
     """Tokenise text with the tokenizer file a run dir or bundle carries."""
 
@@ -161,11 +173,9 @@ class TextEncoder:
             self._tok.enable_truncation(max_length=self.spec.max_length)
             self._tok.enable_padding(length=self.spec.max_length, pad_id=self.spec.pad_id)
 
-    def __call__(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        for t in texts:
-            if not isinstance(t, str):
-                raise InputError(f"text inputs must be str, got {type(t).__name__}")
-        enc = self._tok.encode_batch(list(texts))
+    def __call__(self, texts: Sequence[str | bytes]) -> dict[str, np.ndarray]:
+        texts = [_as_text(t, i) for i, t in enumerate(texts)]
+        enc = self._tok.encode_batch(texts)
         ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), self.spec.max_length)
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(ids.shape)
         return {self.spec.input_names[0]: ids, self.spec.input_names[1]: mask}

@@ -46,6 +46,7 @@ class Result:
     labels: tuple[str, ...]
     blocks: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)  # graph key -> seconds in this call
+    flagged: np.ndarray | None = None  # rows whose inputs held NaN or Inf (nonfinite="flag"); answers unreliable
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -59,10 +60,12 @@ class Result:
 
 
 class Runtime:
-    def __init__(self, bundle: Bundle, backend: Backend, policy: str = "per_sample") -> None:
+    def __init__(self, bundle: Bundle, backend: Backend, policy: str = "per_sample", nonfinite: str = "error") -> None:
         if policy not in POLICIES:
             raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-        self.bundle, self.backend, self.policy = bundle, backend, policy
+        if nonfinite not in ("error", "flag"):
+            raise ConfigError(f"nonfinite must be 'error' or 'flag', got {nonfinite!r}")
+        self.bundle, self.backend, self.policy, self.nonfinite = bundle, backend, policy, nonfinite
         own = (bundle.calibration or {}).get(self.calibration_key)
         if bundle.calibration and own is None:
             log.warning("bundle %s was calibrated for %s, not for %s: its default thresholds may not hold here; "
@@ -74,7 +77,8 @@ class Runtime:
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | None = None,
-             precision: str | None = None, policy: str = "per_sample", verify: bool = True, **options: Any) -> "Runtime":
+             precision: str | None = None, policy: str = "per_sample", verify: bool = True,
+             nonfinite: str = "error", **options: Any) -> "Runtime":
         """Load a bundle. ``backend``: auto (TensorRT when an engine set for this GPU exists and
         loads, else ONNX Runtime), onnxruntime or tensorrt; ``device`` defaults to cuda for TensorRT
         and cpu otherwise; extra options go to the backend."""
@@ -83,12 +87,13 @@ class Runtime:
             has_engines = bundle.root is not None and (bundle.root / "engines").is_dir()
             if has_engines and (device is None or device.startswith("cuda")):
                 try:
-                    return cls(bundle, _make("tensorrt", bundle, precision, device or "cuda", options), policy)
+                    return cls(bundle, _make("tensorrt", bundle, precision, device or "cuda", options), policy,
+                               nonfinite)
                 except (BackendUnavailableError, ConfigError) as exc:
                     log.info("TensorRT not used (%s); falling back to ONNX Runtime", exc)
             backend = "onnxruntime"
         default_device = "cuda" if backend == "tensorrt" else "cpu"
-        return cls(bundle, _make(backend, bundle, precision, device or default_device, options), policy)
+        return cls(bundle, _make(backend, bundle, precision, device or default_device, options), policy, nonfinite)
 
     @property
     def calibration_key(self) -> str:
@@ -155,9 +160,27 @@ class Runtime:
         """Early-exit inference; batches larger than the bundle's max are split. ``thresholds``
         overrides ``rt.thresholds`` for this call only."""
         th = self._thresholds if thresholds is None else self._checked(thresholds)
-        parts = [run_chain(self.backend, self.bundle, c, th, policy or self.policy)
-                 for c in self._chunks(self.encode(inputs))]
-        return self._result(parts)
+        arrays = self.encode(inputs)
+        flagged = self._nonfinite(arrays)
+        parts = [run_chain(self.backend, self.bundle, c, th, policy or self.policy) for c in self._chunks(arrays)]
+        result = self._result(parts)
+        result.flagged = flagged
+        return result
+
+    def _nonfinite(self, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+        """Rows holding NaN or Inf: an InputError by default, flagged in the result with nonfinite='flag'."""
+        bad = None
+        for a in arrays.values():
+            if a.dtype.kind == "f":
+                rows = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
+                bad = rows if bad is None else bad | rows
+        if bad is None or not bad.any():
+            return None if self.nonfinite == "error" else np.zeros(len(next(iter(arrays.values()))), dtype=bool)
+        if self.nonfinite == "error":
+            rows = np.flatnonzero(bad)
+            raise InputError(f"{len(rows)} input row(s) contain NaN or Inf (rows {rows[:8].tolist()}); fix the input "
+                             "or load the runtime with nonfinite='flag' to run them and flag the results")
+        return bad
 
     def infer_full(self, inputs: Any) -> Result:
         """The monolithic graph (no early exit): the baseline."""

@@ -72,3 +72,21 @@ def micro_bundle(micro_run, tmp_path_factory: pytest.TempPathFactory):
     from freedeploy.exporting import export_run
 
     return export_run(micro_run, tmp_path_factory.mktemp("bundles") / "micro", target="onnx", max_batch=16)
+
+
+@pytest.fixture(scope="session")
+def micro_text_run(tweets_csv, tmp_path_factory: pytest.TempPathFactory):
+    """A micro BERT (its own WordPiece vocabulary) trained briefly on 300 real tweets."""
+    from freedeploy.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("micro_text")
+    return train(TrainConfig(model="bert-tiny", data=f"text:{tweets_csv}", out=str(tmp / "run"), exits=(2,),
+                             finetune_epochs=1, exit_epochs=1, preset_config=tuple(MICRO_TEXT.items()),
+                             progress=False, device="cpu")).out
+
+
+@pytest.fixture(scope="session")
+def micro_text_bundle(micro_text_run, tmp_path_factory: pytest.TempPathFactory):
+    from freedeploy.exporting import export_run
+
+    return export_run(micro_text_run, tmp_path_factory.mktemp("bundles") / "text", target="onnx", max_batch=16)

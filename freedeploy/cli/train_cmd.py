@@ -54,7 +54,7 @@ def _literal(raw: str) -> Any:
               help="Share of the training split whose labels are used; the rest trains exits without labels.")
 @click.option("--finetune-epochs", type=click.IntRange(min=0),
               help="Stage 1 epochs [default: 0 if the classifier is trained, 3 for pretrained weights, "
-                   "40 from scratch].")
+                   "60 from scratch].")
 @click.option("--exit-epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Stage 2 epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--lr", "finetune_lr", type=float, help="Stage 1 learning rate [default: 5e-5 pretrained, 5e-4 scratch].")
@@ -74,9 +74,12 @@ def _literal(raw: str) -> Any:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--split-seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+              help="Training compute: auto uses bf16 autocast on GPUs and on CPUs with AMX / AVX512-BF16.")
 @click.option("--preset-config", multiple=True, callback=parse_overrides, metavar="KEY=VALUE",
               help="Override a preset's config field (repeatable), e.g. hidden_size=64.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run dir (only once the new one is complete).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from OUT.checkpoint (same options).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON on stdout.")
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def train(as_json: bool, no_progress: bool, out: str | None, **options: Any) -> None:

@@ -11,10 +11,8 @@ import onnx
 import pytest
 
 from freedeploy.exporting import export_run
-from freedeploy.train import TrainConfig, train
 from runtimes.bundle import load_bundle
 from runtimes.errors import ConfigError
-from tests.conftest import MICRO_TEXT
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +75,14 @@ def test_int8_is_explicit_qdq(vision_run: Path, tmp_path: Path) -> None:
     assert 0.0 <= r["final_accuracy"] <= 1.0
 
 
-def test_text_bundle_feeds_the_mask_to_every_graph(tweets_csv: str, tmp_path: Path) -> None:
-    run = train(TrainConfig(model="bert-tiny", data=f"text:{tweets_csv}", out=str(tmp_path / "run"), exits=(2,),
-                            finetune_epochs=1, exit_epochs=1, preset_config=tuple(MICRO_TEXT.items()),
-                            progress=False, device="cpu")).out
-    res = export_run(run, tmp_path / "b", target="onnx", max_batch=16)
+def test_text_bundle_feeds_the_mask_to_every_graph(micro_text_bundle) -> None:
+    res = micro_text_bundle
     b = res.bundle
     for key in b.graph_keys():
         assert "attention_mask" in [t.name for t in b.graph(key).inputs]
     assert (res.out / "tokenizer.json").is_file() and "tokenizer.json" in b.files
     assert res.validation["chain_parity"]["equal"] and res.validation["max_abs_diff"] <= 1e-4
+    assert b.exits[0].head == "cls-query"
 
 
 def test_existing_bundle_is_kept(vision_run: Path, onnx_bundle) -> None:

@@ -111,3 +111,38 @@ def test_existing_run_dir_is_kept(vision_run) -> None:
     with pytest.raises(ConfigError, match="already exists"):
         train(_cfg(vision_run.out.parent, vision_run.out.name))
     assert (vision_run.out / "model.safetensors").read_bytes() == before
+
+
+def _train_cmd(out: Path, *extra: str) -> list[str]:
+    import sys
+
+    from tests.conftest import preset_args
+
+    return [sys.executable, "-m", "freedeploy", "train", "--data", "digits?limit=600", "--exits", "1,3",
+            "--finetune-epochs", "6", "--exit-epochs", "3", "--lr", "3e-3", "--out", str(out), "--no-progress",
+            "--device", "cpu", *preset_args(MICRO_VISION), *extra]
+
+
+def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).parents[2]
+    subprocess.run(_train_cmd(tmp_path / "whole"), check=True, env=env, cwd=root, capture_output=True)
+    proc = subprocess.Popen(_train_cmd(tmp_path / "cut"), env=env, cwd=root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = tmp_path / "cut.checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert state.exists() and not (tmp_path / "cut").exists(), "the kill should land mid-training"
+    with pytest.raises(subprocess.CalledProcessError):  # a fresh start must not silently discard it
+        subprocess.run(_train_cmd(tmp_path / "cut"), check=True, env=env, cwd=root, capture_output=True)
+    subprocess.run(_train_cmd(tmp_path / "cut", "--resume"), check=True, env=env, cwd=root, capture_output=True)
+    assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    assert not (tmp_path / "cut.checkpoint").exists()
