@@ -204,8 +204,8 @@ def finetune(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool: n
             loss.backward()
             opt.step()
             sched.step()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
             bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
             if (step + 1) % steps_per_epoch == 0 and step + 1 < steps:
                 _checkpoint(ckpt, 1, step + 1, model, {"opt": opt}, sched)
     hf.eval()
@@ -258,8 +258,8 @@ def train_exits(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool
                 d_loss.backward()
                 optimizers["opt_d"].step()
                 postfix["d_loss"] = f"{d_loss.item():.3f}"
+            bar.set_postfix(postfix, refresh=False)
             bar.update()
-            bar.set_postfix(postfix)
             if (step + 1) % steps_per_epoch == 0 and step + 1 < steps:
                 _checkpoint(ckpt, 2, step + 1, state, optimizers, sched)
     model.eval()
