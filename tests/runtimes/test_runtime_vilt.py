@@ -117,3 +117,27 @@ def test_a_vqa_bundle_runs_where_torch_cannot_be_imported(micro_vqa_bundle, tmp_
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parents[2])
     assert proc.returncode == 0 and proc.stdout.startswith("ran"), proc.stderr
+
+
+def test_calibrate_eval_and_bench_on_the_vqa_bundle(micro_vqa_bundle, micro_vqa_run, tmp_path: Path) -> None:
+    import shutil
+
+    from runtimes.bundle import load_bundle
+
+    bundle_dir = Path(shutil.copytree(micro_vqa_bundle.out, tmp_path / "b"))
+    n_val = len(json.loads((micro_vqa_run / "splits.json").read_text())["val"])
+    res = CliRunner().invoke(cli, ["calibrate", str(bundle_dir), "--max-disagreement", "0.3", "--epsilon", "0.1",
+                                   "--json"])
+    assert res.exit_code == 0, res.stderr
+    cert = json.loads(res.stdout)
+    assert load_bundle(bundle_dir).thresholds == tuple(cert["thresholds"])
+    assert load_bundle(bundle_dir).calibration["onnxruntime-fp32"]["n"] == n_val
+    ev = CliRunner().invoke(cli, ["eval", str(bundle_dir), "--split", "test", "--json"])
+    assert ev.exit_code == 0, ev.stderr
+    m = json.loads(ev.stdout)
+    assert m["certificate"]["delta"] == 0.3 and sum(m["exit_histogram"].values()) == m["n"] > 0
+    bench = CliRunner().invoke(cli, ["bench", str(bundle_dir), "--batch", "1,4", "--runs", "10", "--batch-runs", "5",
+                                     "--run", str(micro_vqa_run), "--json"])
+    assert bench.exit_code == 0, bench.stderr
+    r = json.loads(bench.stdout)
+    assert {"full", "early_exit", "torch"} <= set(r["batch1_ms"]) and r["measured_speedup_mean"] > 0
