@@ -33,7 +33,7 @@ def make_preprocess(backbone: Backbone, data: Dataset, train_idx: np.ndarray, ou
         raise ConfigError(f"model {backbone.source!r} takes {backbone.adapter.modality} inputs but data "
                           f"set {data.spec!r} holds {data.modality}")
     if data.modality == "image" and max_length is not None:
-        raise ConfigError("--max-length applies to models that read text only")
+        raise ConfigError("--max-length applies to text models only (and to the questions of image-text models)")
     if backbone.preprocess is not None and max_length is None:  # an earlier run's spec, reused as is
         if data.modality != "image":
             _write_tokenizer(backbone, [], out_dir / TOKENIZER_FILE)
