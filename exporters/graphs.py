@@ -9,8 +9,8 @@ Models with a token mask feed it, (B, T) 0/1, to every graph after the embedding
 rebuilds the additive mask itself: for text it is the model input ``attention_mask``; where the
 blocks' tokens are not the input tokens (an image with a question) ``segment_0`` and ``full``
 compute it from the model inputs, and ``segment_0`` also outputs it (``token_mask``) for the later
-graphs (the adapter's ``mask_name`` and ``token_mask``). Confidence and prediction are computed in fp32 inside the graph, so the runtime only
-reads a few numbers per sample.
+graphs (the adapter's ``mask_name`` and ``token_mask``). Confidence and prediction are computed in
+fp32 inside the graph, so the runtime only reads a few numbers per sample.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Backbone adapters: where each Hugging Face family keeps its embeddings, blocks, norm, pooler
 and classifier, and how one block is called.
 
-Adding an architecture is one small class here plus a tiny preset and a parity test. Every
+Adding an architecture is one small class here plus a tiny preset and a parity test (the
+vision-language adapter, ViLT, lives in ``freedeploy.vision_language``). Every
 adapter is checked by ``tests/freedeploy/test_model.py``: the segmented forward must reproduce
 the Hugging Face forward exactly at every exit and at the final logits.
 """

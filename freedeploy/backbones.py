@@ -150,10 +150,11 @@ def _load_pretrained(spec: str, label_names: tuple[str, ...]) -> Backbone:
     head_is_new = any(k.startswith(head_keys) for k in [*info.get("missing_keys", []),
                                                         *[m[0] if isinstance(m, tuple) else m for m in
                                                           info.get("mismatched_keys", [])]])
+    reads_text = adapter.modality in ("text", "image-text")
     image_defaults = _image_defaults(spec, config) if adapter.modality in ("image", "image-text") else {}
     log.info("loaded %s (%s), classifier %s", spec, adapter.model_class, "new" if head_is_new else "from checkpoint")
     return Backbone(hf.eval(), adapter, spec, pretrained=True, head_is_new=head_is_new,
-                    image_defaults=image_defaults, tokenizer_dir=spec if adapter.modality in ("text", "image-text") else None)
+                    image_defaults=image_defaults, tokenizer_dir=spec if reads_text else None)
 
 
 def _image_defaults(spec: str, config: Any) -> dict[str, Any]:

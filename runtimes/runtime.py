@@ -134,7 +134,8 @@ class Runtime:
             if question is not None:
                 raise InputError("question= cannot be combined with already-encoded arrays")
             return self._check(items)
-        single = isinstance(items, (str, bytes, os.PathLike)) or (isinstance(items, np.ndarray) and items.ndim in (2, 3))
+        single = isinstance(items, (str, bytes, os.PathLike)) or (hasattr(items, "mode") and hasattr(items, "size")) \
+            or (isinstance(items, np.ndarray) and items.ndim in (2, 3))  # a path, a PIL image or one array
         if single or (pairs and question is None and isinstance(items, tuple) and len(items) == 2
                       and isinstance(items[1], str)):
             items = [items]

@@ -68,6 +68,7 @@ def test_raw_image_and_question_forms_agree(rt, micro_vqa_run, tmp_path: Path) -
     Image.fromarray(image).save(tmp_path / "d.png")
     one = rt.infer(str(tmp_path / "d.png"), question=question)
     assert len(one) == 1 and one.classes[0] == encoded.classes[0] == rt.infer((image, question)).classes[0]
+    assert rt.infer(Image.fromarray(image), question=question).classes[0] == encoded.classes[0]
     many = rt.infer([p[0] for p in pairs], question=[p[1] for p in pairs])
     assert np.array_equal(many.classes, encoded.classes)
     with pytest.raises(InputError, match=r"\(image, question\) pairs"):
