@@ -5,9 +5,12 @@
 - ``exit_k``: ``hidden_<e_k>`` -> ``logits_k``, ``confidence_k``, ``prediction_k``;
 - ``full``: model inputs -> ``logits``, ``confidence``, ``prediction`` (the monolithic baseline).
 
-Text models also feed ``attention_mask`` (B, T) to every graph; each graph rebuilds the additive
-mask itself. Confidence and prediction are computed in fp32 inside the graph, so the runtime only
-reads a few numbers per sample.
+Models with a token mask feed it, (B, T) 0/1, to every graph after the embeddings and each graph
+rebuilds the additive mask itself: for text it is the model input ``attention_mask``; where the
+blocks' tokens are not the input tokens (an image with a question) ``segment_0`` and ``full``
+compute it from the model inputs, and ``segment_0`` also outputs it (``token_mask``) for the later
+graphs (the adapter's ``mask_name`` and ``token_mask``). Confidence and prediction are computed in
+fp32 inside the graph, so the runtime only reads a few numbers per sample.
 """
 
 from __future__ import annotations
@@ -60,24 +63,24 @@ def _head_outputs(logits: torch.Tensor, confidence: str) -> tuple[torch.Tensor, 
 
 
 class _Graph(nn.Module):
-    """One piece of an EarlyExitModel; ``forward(x, attention_mask=None)``."""
+    """One piece of an EarlyExitModel; ``forward(*tensors)`` in the order of ``input_names``."""
 
-    def __init__(self, model: "EarlyExitModel", kind: str, index: int, confidence: str) -> None:
+    def __init__(self, model: "EarlyExitModel", kind: str, index: int, confidence: str,
+                 input_names: tuple[str, ...], emit_mask: bool = False) -> None:
         super().__init__()
         self.model, self.kind, self.index, self.confidence = model, kind, index, confidence
-        self.first_input = model.adapter.input_names[0]
+        self.input_names, self.emit_mask = input_names, emit_mask
 
-    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | tuple:
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor | tuple:
         m = self.model
+        named = dict(zip(self.input_names, tensors))
         dtype = next(m.parameters()).dtype
-        if self.kind in ("full", "segment") and (self.kind == "full" or self.index == 0):
-            inputs = {self.first_input: x}
-            if attention_mask is not None:
-                inputs["attention_mask"] = attention_mask
-            hidden = m.adapter.embed(m.hf, inputs)
+        if self.kind == "full" or (self.kind == "segment" and self.index == 0):
+            inputs = {n: named[n] for n in m.adapter.input_names}
+            hidden, mask01 = m.adapter.embed(m.hf, inputs), m.token_mask(inputs)
         else:
-            hidden = x
-        mask = m.additive_mask(attention_mask, dtype)
+            hidden, mask01 = tensors[0], named.get(m.adapter.mask_name)
+        mask = m.additive_mask(mask01, dtype)
         if self.kind == "exit":
             logits, _ = m.heads[self.index](hidden, mask)
             return _head_outputs(logits, self.confidence)
@@ -87,7 +90,7 @@ class _Graph(nn.Module):
         if self.kind == "full" or self.index == len(segments) - 1:
             logits, _ = m.final_head(hidden)
             return _head_outputs(logits, self.confidence)
-        return hidden
+        return (hidden, mask01) if self.emit_mask else hidden
 
 
 @dataclass(frozen=True)
@@ -102,18 +105,20 @@ def graph_defs(model: "EarlyExitModel", confidence: str = "max_softmax") -> list
     """Every graph of the bundle, in chain order, then ``full``."""
     if confidence not in CONFIDENCE_TORCH:
         raise ValueError(f"unknown confidence {confidence!r}")
-    text = "attention_mask" in model.adapter.input_names
-    mask = ("attention_mask",) if text else ()
-    first = model.adapter.input_names[0]
+    model_inputs = tuple(model.adapter.input_names)
+    mask_name = model.adapter.mask_name
+    mask = (mask_name,) if mask_name else ()
+    emit = bool(mask_name) and mask_name not in model_inputs  # segment 0 computes the mask the rest read
     head = ("logits", "confidence", "prediction")
     defs = []
     n_seg = len(model.segments())
     for k in range(n_seg):
-        src = first if k == 0 else f"hidden_{model.exits[k - 1]}"
-        outs = head if k == n_seg - 1 else (f"hidden_{model.exits[k]}",)
-        defs.append(GraphDef(f"segment_{k}", _Graph(model, "segment", k, confidence), (src, *mask), outs))
+        ins = model_inputs if k == 0 else (f"hidden_{model.exits[k - 1]}", *mask)
+        outs = head if k == n_seg - 1 else (f"hidden_{model.exits[k]}", *(mask if emit and k == 0 else ()))
+        defs.append(GraphDef(f"segment_{k}", _Graph(model, "segment", k, confidence, ins, emit and k == 0), ins, outs))
         if k < n_seg - 1:
-            defs.append(GraphDef(f"exit_{k}", _Graph(model, "exit", k, confidence), (f"hidden_{model.exits[k]}", *mask),
+            ins = (f"hidden_{model.exits[k]}", *mask)
+            defs.append(GraphDef(f"exit_{k}", _Graph(model, "exit", k, confidence, ins), ins,
                                  (f"logits_{k}", f"confidence_{k}", f"prediction_{k}")))
-    defs.append(GraphDef("full", _Graph(model, "full", 0, confidence), (first, *mask), head))
+    defs.append(GraphDef("full", _Graph(model, "full", 0, confidence, model_inputs), model_inputs, head))
     return defs

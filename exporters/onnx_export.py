@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import warnings
@@ -39,7 +40,9 @@ def module2onnx(module: torch.nn.Module, args: Sequence[torch.Tensor], input_nam
     if len(args[0]) < 2:
         raise ExportError("export needs an example batch of 2 or more rows")
     batch = torch.export.Dim("batch", min=1, max=max(max_batch, len(args[0])))
-    dynamic = tuple({0: batch} for _ in args)
+    dynamic: tuple = tuple({0: batch} for _ in args)
+    if any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(module.forward).parameters.values()):
+        dynamic = (dynamic,)  # forward(*tensors): torch.export sees one argument holding them all
     module.eval()
     with torch.no_grad():
         outputs = module(*args)

@@ -1,7 +1,8 @@
 """Backbone adapters: where each Hugging Face family keeps its embeddings, blocks, norm, pooler
 and classifier, and how one block is called.
 
-Adding an architecture is one small class here plus a tiny preset and a parity test. Every
+Adding an architecture is one small class here plus a tiny preset and a parity test (the
+vision-language adapter, ViLT, lives in ``freedeploy.vision_language``). Every
 adapter is checked by ``tests/freedeploy/test_model.py``: the segmented forward must reproduce
 the Hugging Face forward exactly at every exit and at the final logits.
 """
@@ -93,7 +94,7 @@ class Adapter(ABC):
     name: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # transformers ``config.model_type`` values served
     model_class: ClassVar[str]  # the transformers class with a classification head
-    modality: ClassVar[str]  # "image" or "text"
+    modality: ClassVar[str]  # "image", "text" or "image-text" (an image and a question)
     pooling: ClassVar[str]  # "cls": the pooled feature reads token 0 only; "mean": all tokens
     input_names: ClassVar[tuple[str, ...]]
 
@@ -105,6 +106,18 @@ class Adapter(ABC):
     def blocks(self, hf: nn.Module) -> nn.ModuleList:
         """The backbone's transformer blocks, in order."""
 
+    @property
+    def mask_name(self) -> str | None:
+        """Name of the (B, T) 0/1 token mask every graph after the embeddings reads, or None.
+
+        When the blocks' tokens are exactly the input tokens (text), it is the model input
+        ``attention_mask``; otherwise segment 0 computes it (``token_mask``) and outputs it."""
+        return "attention_mask" if "attention_mask" in self.input_names else None
+
+    def token_mask(self, hf: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, T) 0/1 mask over the tokens the blocks see, or None when every token is always valid."""
+        return inputs.get("attention_mask")
+
     def final_norm(self, hf: nn.Module) -> nn.Module:
         return nn.Identity()
 
@@ -113,6 +126,10 @@ class Adapter(ABC):
 
     def classifier(self, hf: nn.Module) -> nn.Module:
         return hf.classifier
+
+    def feature_dim(self, hf: nn.Module) -> int:
+        """Width of the pooled feature the classifier reads."""
+        return int(self.classifier(hf).in_features)
 
     def call_block(self, block: nn.Module, hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """One block; ``mask`` is the additive (B, 1, 1, T) float mask or None."""

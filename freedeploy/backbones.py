@@ -16,6 +16,7 @@ from typing import Any, Callable
 from torch import nn
 
 from freedeploy.adapters import Adapter, adapter_for_config
+from freedeploy.vision_language import vilt_tiny  # also registers the ViLT adapter
 from runtimes.errors import ModelError
 
 __all__ = ["Backbone", "PRESETS", "load_backbone", "build_from_config", "preset_names"]
@@ -31,7 +32,7 @@ class Backbone:
     pretrained: bool  # weights came from a checkpoint rather than a fresh init
     head_is_new: bool  # the classifier was (re)initialised for these labels
     image_defaults: dict[str, Any] = field(default_factory=dict)  # size/mean/std when known
-    tokenizer_dir: str | None = None  # where the model's own tokenizer lives, for text models
+    tokenizer_dir: str | None = None  # where the model's own tokenizer lives, for models that read text
     preprocess: dict[str, Any] | None = None  # a run dir's recorded preprocessing, reused as is
 
 
@@ -73,6 +74,7 @@ PRESETS: dict[str, Callable[..., Any]] = {
     "deit-tiny": _vit_like("DeiT"),
     "clip-tiny": _clip_tiny,
     "bert-tiny": _bert_tiny,
+    "vilt-tiny": vilt_tiny,
 }
 
 
@@ -148,10 +150,11 @@ def _load_pretrained(spec: str, label_names: tuple[str, ...]) -> Backbone:
     head_is_new = any(k.startswith(head_keys) for k in [*info.get("missing_keys", []),
                                                         *[m[0] if isinstance(m, tuple) else m for m in
                                                           info.get("mismatched_keys", [])]])
-    image_defaults = _image_defaults(spec, config) if adapter.modality == "image" else {}
+    reads_text = adapter.modality in ("text", "image-text")
+    image_defaults = _image_defaults(spec, config) if adapter.modality in ("image", "image-text") else {}
     log.info("loaded %s (%s), classifier %s", spec, adapter.model_class, "new" if head_is_new else "from checkpoint")
     return Backbone(hf.eval(), adapter, spec, pretrained=True, head_is_new=head_is_new,
-                    image_defaults=image_defaults, tokenizer_dir=spec if adapter.modality == "text" else None)
+                    image_defaults=image_defaults, tokenizer_dir=spec if reads_text else None)
 
 
 def _image_defaults(spec: str, config: Any) -> dict[str, Any]:

@@ -9,6 +9,8 @@ Specs::
     text:PATH[?text=C&label=C&encoding=E]
                                a CSV or JSONL file with a text column and a label column
                                (defaults: ``text``, ``label``, ``utf-8``)
+    vqa-digits                 the digit images with templated questions (``freedeploy.vqa``)
+    vqa:PATH                   a JSONL file of image, question, answer (``freedeploy.vqa``)
 
 Any spec takes ``?limit=N`` (``&limit=N`` after other options): a fixed, class-stratified random
 subset of N rows, for quick experiments.
@@ -31,6 +33,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from freedeploy.vqa import load_vqa_digits, load_vqa_jsonl
 from runtimes.errors import ConfigError, DataError
 
 __all__ = ["Dataset", "load_dataset", "make_splits", "labelled_subset", "SPLITS", "split_digest"]
@@ -43,17 +46,19 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 @dataclass(frozen=True)
 class Dataset:
     spec: str
-    modality: str  # "image" or "text"
-    items: list[Any]  # uint8 HW/HWC arrays, image paths or strings
+    modality: str  # "image", "text" or "image-text"
+    items: list[Any]  # uint8 HW/HWC arrays, image paths, strings, or (image, question) pairs
     labels: np.ndarray  # int64 (N,), indices into label_names
     label_names: tuple[str, ...]
+    groups: np.ndarray | None = None  # int64 (N,): rows of one group (an image) stay in one split
 
     def __len__(self) -> int:
         return len(self.items)
 
     def subset(self, indices: Sequence[int]) -> "Dataset":
         idx = np.asarray(indices, dtype=np.int64)
-        return Dataset(self.spec, self.modality, [self.items[i] for i in idx], self.labels[idx], self.label_names)
+        return Dataset(self.spec, self.modality, [self.items[i] for i in idx], self.labels[idx], self.label_names,
+                       None if self.groups is None else self.groups[idx])
 
 
 def load_dataset(spec: str) -> Dataset:
@@ -74,9 +79,13 @@ def load_dataset(spec: str) -> Dataset:
     elif kind == "text" and rest:
         ds = _load_text(spec, Path(rest), opts.get("text", "text"), opts.get("label", "label"),
                         opts.get("encoding", "utf-8"))
+    elif kind == "vqa-digits" and not rest:
+        ds = load_vqa_digits(spec)
+    elif kind == "vqa" and rest:
+        ds = load_vqa_jsonl(spec, Path(rest))
     else:
-        raise ConfigError(f"unknown data spec {spec!r}: expected 'digits', 'tweets', 'imagefolder:PATH' or "
-                          "'text:PATH', optionally followed by ?limit=N")
+        raise ConfigError(f"unknown data spec {spec!r}: expected 'digits', 'tweets', 'vqa-digits', "
+                          "'imagefolder:PATH', 'text:PATH' or 'vqa:PATH', optionally followed by ?limit=N")
     if "limit" in opts:
         ds = _limit(ds, opts["limit"])
     return ds
@@ -175,9 +184,16 @@ def _load_text(spec: str, path: Path, text_col: str, label_col: str, encoding: s
     return _finish(spec, "text", [str(r[text_col]) for r in rows], [r[label_col] for r in rows])
 
 
-def make_splits(labels: np.ndarray, seed: int = 0,
-                fractions: tuple[float, float, float] = SPLIT_FRACTIONS) -> dict[str, np.ndarray]:
-    """Stratified train/val/test indices; the same labels and seed always give the same splits."""
+def make_splits(labels: np.ndarray, seed: int = 0, fractions: tuple[float, float, float] = SPLIT_FRACTIONS,
+                groups: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Stratified train/val/test indices; the same labels and seed always give the same splits.
+
+    With ``groups`` whole groups are split (every row of a group lands in one split), stratified
+    by the label of each group's first row."""
+    if groups is not None:
+        ids, first = np.unique(groups, return_index=True)
+        by_group = make_splits(labels[first], seed, fractions)
+        return {s: np.flatnonzero(np.isin(groups, ids[by_group[s]])) for s in SPLITS}
     rng = np.random.default_rng(seed)
     parts: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     for cls in np.unique(labels):

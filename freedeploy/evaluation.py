@@ -33,7 +33,7 @@ def bundle_split(bundle: Bundle, spec: str | None, split: str) -> tuple[Dataset,
     if split == "all":
         return data, np.arange(len(data))
     same = spec == source.get("spec")
-    splits = make_splits(data.labels, seed=int(source.get("split_seed", 0)) if same else 0)
+    splits = make_splits(data.labels, seed=int(source.get("split_seed", 0)) if same else 0, groups=data.groups)
     if split not in splits:
         raise DataError(f"unknown split {split!r}: use train, val, test or all")
     idx = splits[split]

@@ -16,7 +16,7 @@ import numpy as np
 from freedeploy.backbones import Backbone
 from freedeploy.data import Dataset
 from runtimes.errors import ConfigError, DataError
-from runtimes.preprocess import ImageSpec, TextEncoder, TextSpec, encode_images, spec_from_dict
+from runtimes.preprocess import ImageSpec, ImageTextSpec, Spec, TextEncoder, TextSpec, make_encoder, spec_from_dict
 
 __all__ = ["make_preprocess", "Encoder", "TOKENIZER_FILE"]
 
@@ -27,24 +27,34 @@ CACHE_LIMIT_BYTES = 512 * 2**20  # encode a whole data set once when it fits in 
 
 
 def make_preprocess(backbone: Backbone, data: Dataset, train_idx: np.ndarray, out_dir: Path,
-                    max_length: int | None) -> ImageSpec | TextSpec:
-    """Decide the preprocessing spec; for text, write the tokenizer into ``out_dir``."""
+                    max_length: int | None) -> Spec:
+    """Decide the preprocessing spec; for models that read text, write the tokenizer into ``out_dir``."""
     if backbone.adapter.modality != data.modality:
         raise ConfigError(f"model {backbone.source!r} takes {backbone.adapter.modality} inputs but data "
                           f"set {data.spec!r} holds {data.modality}")
     if data.modality == "image" and max_length is not None:
-        raise ConfigError("--max-length applies to text models only")
+        raise ConfigError("--max-length applies to text models only (and to the questions of image-text models)")
     if backbone.preprocess is not None and max_length is None:  # an earlier run's spec, reused as is
-        if data.modality == "text":
+        if data.modality != "image":
             _write_tokenizer(backbone, [], out_dir / TOKENIZER_FILE)
         return spec_from_dict(backbone.preprocess)
     if data.modality == "image":
-        config = getattr(backbone.hf.config, "vision_config", backbone.hf.config)
-        size = int(config.image_size)
-        d = backbone.image_defaults
-        return ImageSpec(size=tuple(d.get("size", (size, size))), mean=tuple(d.get("mean", (0.5, 0.5, 0.5))),
-                         std=tuple(d.get("std", (0.5, 0.5, 0.5))), channels=int(config.num_channels))
-    texts = [data.items[i] for i in train_idx]
+        return _image_spec(backbone)
+    if data.modality == "text":
+        return _text_spec(backbone, [data.items[i] for i in train_idx], out_dir, max_length)
+    questions = [data.items[i][1] for i in train_idx]  # image-text items are (image, question) pairs
+    return ImageTextSpec(_image_spec(backbone), _text_spec(backbone, questions, out_dir, max_length))
+
+
+def _image_spec(backbone: Backbone) -> ImageSpec:
+    config = getattr(backbone.hf.config, "vision_config", backbone.hf.config)
+    size = int(config.image_size)
+    d = backbone.image_defaults
+    return ImageSpec(size=tuple(d.get("size", (size, size))), mean=tuple(d.get("mean", (0.5, 0.5, 0.5))),
+                     std=tuple(d.get("std", (0.5, 0.5, 0.5))), channels=int(config.num_channels))
+
+
+def _text_spec(backbone: Backbone, texts: list[str], out_dir: Path, max_length: int | None) -> TextSpec:
     tok = _write_tokenizer(backbone, texts, out_dir / TOKENIZER_FILE)
     pad_id = tok.token_to_id("[PAD]")
     pad_id = 0 if pad_id is None else int(pad_id)
@@ -96,11 +106,10 @@ def _train_wordpiece(texts: Sequence[str], vocab_size: int) -> Any:
 class Encoder:
     """Encoded inputs for rows of a data set, cached whole when the data set is small."""
 
-    def __init__(self, data: Dataset, spec: ImageSpec | TextSpec, spec_dir: Path) -> None:
+    def __init__(self, data: Dataset, spec: Spec, spec_dir: Path) -> None:
         self.data, self.spec = data, spec
-        self._encode = (lambda items: encode_images(spec, items)) if isinstance(spec, ImageSpec) \
-            else TextEncoder(spec, spec_dir)
-        row_bytes = 4 * int(np.prod(spec.size)) * spec.channels if isinstance(spec, ImageSpec) else 16 * spec.max_length
+        self._encode = make_encoder(spec, spec_dir)
+        row_bytes = _row_bytes(spec)
         self._cache: dict[str, np.ndarray] | None = None
         if row_bytes * len(data) <= CACHE_LIMIT_BYTES:
             self._cache = self._encode(data.items)
@@ -111,3 +120,10 @@ class Encoder:
         if self._cache is not None:
             return {k: v[indices] for k, v in self._cache.items()}
         return self._encode([self.data.items[i] for i in indices])
+
+
+def _row_bytes(spec: Spec) -> int:
+    """Memory of one encoded row: float32 pixels, int64 token ids and mask."""
+    if isinstance(spec, ImageTextSpec):
+        return _row_bytes(spec.image) + _row_bytes(spec.text)
+    return 4 * int(np.prod(spec.size)) * spec.channels if isinstance(spec, ImageSpec) else 16 * spec.max_length

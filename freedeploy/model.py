@@ -129,7 +129,7 @@ class EarlyExitModel(nn.Module):
     @property
     def feature_dim(self) -> int:
         """Width of the pooled feature the classifier (and the FREE discriminator) reads."""
-        return int(self.adapter.classifier(self.hf).in_features)
+        return self.adapter.feature_dim(self.hf)
 
     def _new_head(self, exit_at: int) -> ExitHead:
         if self.exit_init not in ("copy", "random"):
@@ -151,7 +151,11 @@ class EarlyExitModel(nn.Module):
     def embed(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Model inputs -> (hidden states before block 0, additive mask or None)."""
         hidden = self.adapter.embed(self.hf, inputs)
-        return hidden, additive_mask(inputs.get("attention_mask"), hidden.dtype)
+        return hidden, additive_mask(self.token_mask(inputs), hidden.dtype)
+
+    def token_mask(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, T) 0/1 mask over the tokens the blocks see (None: every token is valid)."""
+        return self.adapter.token_mask(self.hf, inputs)
 
     def run_blocks(self, hidden: torch.Tensor, mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
         blocks = self.adapter.blocks(self.hf)

@@ -7,7 +7,7 @@
                         data spec and split fingerprints, the resolved training settings, versions
     splits.json         train / val / test / labelled indices into the data set
     metrics.json        per-exit accuracy, agreement, overthinking on the test split
-    tokenizer.json      text models only: the tokenizer the preprocessing uses
+    tokenizer.json      models that read text: the tokenizer the preprocessing uses
 
 ``load_run`` rebuilds the model from these files alone, without the training code path.
 """
@@ -22,7 +22,7 @@ from typing import Any
 
 from freedeploy.model import EarlyExitModel
 from runtimes.errors import ModelError
-from runtimes.preprocess import ImageSpec, TextSpec, spec_from_dict
+from runtimes.preprocess import Spec, spec_from_dict
 
 __all__ = ["RunInfo", "save_run", "load_run", "RUN_FORMAT_VERSION"]
 
@@ -41,7 +41,7 @@ class RunInfo:
         return tuple(self.manifest["labels"])
 
     @property
-    def preprocess(self) -> ImageSpec | TextSpec:
+    def preprocess(self) -> Spec:
         return spec_from_dict(self.manifest["preprocess"])
 
     @property

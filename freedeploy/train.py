@@ -241,7 +241,7 @@ def train_exits(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool
             inputs = batch(idx, step_seed(cfg.seed, 12, step, ctx.rank))
             with torch.no_grad(), _autocast(cfg, ctx):
                 out = model(inputs, run_heads=False)
-            mask = additive_mask(inputs.get("attention_mask"), torch.float32)
+            mask = additive_mask(model.token_mask(inputs), torch.float32)
             with _autocast(cfg, ctx):
                 loss, stats = net("heads", hidden=out.exit_hidden, mask=mask, teacher=out.logits.float(),
                                   labels=torch.from_numpy(labels[idx]).to(ctx.device),
@@ -334,7 +334,7 @@ def train(cfg: TrainConfig, on_stage: Callable[[str], None] | None = None) -> Tr
         data = load_dataset(cfg.data)
         backbone = load_backbone(cfg.model, data.label_names, dict(cfg.preset_config))
         cfg = _resolve(cfg, backbone)
-        splits = make_splits(data.labels, seed=cfg.split_seed)
+        splits = make_splits(data.labels, seed=cfg.split_seed, groups=data.groups)
         labelled = labelled_subset(splits["train"], data.labels, cfg.labelled_fraction, cfg.seed)
         model = EarlyExitModel(backbone.hf, backbone.adapter, cfg.exits, exit_init=cfg.exit_init,
                                exit_head=cfg.exit_head).to(ctx.device)

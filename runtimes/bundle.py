@@ -8,13 +8,17 @@ A bundle is a directory with ``bundle.json`` at its root::
     onnx/full.onnx              the whole model in one graph: the baseline for parity and benchmarks
     onnx/fp16/..., onnx/int8/.. the same graphs with precision put into the ONNX (trt-fp16, trt-int8)
     validation.json             export validation report
-    tokenizer.json              text models
+    tokenizer.json              models that read text
     engines/<target-key>/       TensorRT plans + build.json, where a build ran (self-described)
 
 Stage k runs ``segment_k`` and then, unless it is the last stage, ``exit_k``. Tensors move
 between stages by name: a stage reads its inputs from the running state (the model inputs plus
 every output produced so far) and adds its outputs to it. ``hidden_<e>`` is the output of block e
 (1-based), so ``segment_0`` writes ``hidden_<e1>``, which ``exit_0`` and ``segment_1`` read.
+Models with a token mask feed it to every graph after the embeddings: the model input
+``attention_mask`` when the tokens are the input tokens (text), else ``token_mask``, which
+``segment_0`` computes from the model inputs and writes (an image with a question: text mask +
+image tokens).
 
 Only this module reads or writes ``bundle.json``. Loading checks the schema version, field types,
 that every path stays inside the bundle, and the sha256 of every file it lists.
@@ -31,7 +35,7 @@ from typing import Any, Mapping
 
 from runtimes.atomic import atomic_write_text
 from runtimes.errors import BundleError, ConfigError
-from runtimes.preprocess import ImageSpec, TextSpec, spec_from_dict
+from runtimes.preprocess import Spec, spec_from_dict
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "TensorSpec", "GraphSpec", "ExitSpec", "StageSpec", "BatchSpec",
            "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS"]
@@ -85,7 +89,7 @@ class BatchSpec:
 class Bundle:
     name: str
     labels: tuple[str, ...]
-    preprocess: ImageSpec | TextSpec
+    preprocess: Spec
     inputs: tuple[TensorSpec, ...]
     batch: BatchSpec
     stages: tuple[StageSpec, ...]

@@ -1,4 +1,5 @@
-"""Turn raw inputs (images, text) into the arrays a model's first segment takes.
+"""Turn raw inputs (images, text, or an image with a question) into the arrays a model's first
+segment takes.
 
 Training, export validation, calibration and the runtime all call these functions, so a model
 sees exactly the same numbers in every stage of its life. Only numpy, Pillow and (for text) the
@@ -10,13 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from runtimes.errors import ConfigError, InputError
 
-__all__ = ["ImageSpec", "TextSpec", "spec_from_dict", "encode_images", "TextEncoder"]
+__all__ = ["ImageSpec", "TextSpec", "ImageTextSpec", "Spec", "spec_from_dict", "encode_images", "TextEncoder",
+           "ImageTextEncoder", "make_encoder"]
 
 _RESAMPLE = ("nearest", "bilinear", "bicubic")
 
@@ -57,10 +59,31 @@ class TextSpec:
         return asdict(self)
 
 
-def spec_from_dict(data: dict[str, Any]) -> ImageSpec | TextSpec:
+@dataclass(frozen=True)
+class ImageTextSpec:
+    """An image and a question about it (vision-language models): each encoded by its own spec,
+    the arrays of both go to the model. Raw inputs are ``(image, question)`` pairs."""
+
+    image: ImageSpec
+    text: TextSpec
+    kind: str = field(default="image-text", init=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "image": self.image.to_dict(), "text": self.text.to_dict()}
+
+
+Spec = ImageSpec | TextSpec | ImageTextSpec
+
+
+def spec_from_dict(data: dict[str, Any]) -> Spec:
     """Rebuild a preprocessing spec from its ``to_dict()`` form."""
     data = dict(data)
     kind = data.pop("kind", None)
+    if kind == "image-text":
+        image, text = spec_from_dict(data["image"]), spec_from_dict(data["text"])
+        if not isinstance(image, ImageSpec) or not isinstance(text, TextSpec):
+            raise ConfigError("an image-text spec needs an 'image' and a 'text' part")
+        return ImageTextSpec(image, text)
     if kind == "image":
         return ImageSpec(
             size=tuple(data["size"]),
@@ -77,7 +100,7 @@ def spec_from_dict(data: dict[str, Any]) -> ImageSpec | TextSpec:
             pad_id=int(data["pad_id"]),
             input_names=tuple(data["input_names"]),
         )
-    raise ConfigError(f"unknown preprocessing kind {kind!r}: expected 'image' or 'text'")
+    raise ConfigError(f"unknown preprocessing kind {kind!r}: expected 'image', 'text' or 'image-text'")
 
 
 def _to_uint8_hwc(item: Any) -> np.ndarray:
@@ -179,3 +202,27 @@ class TextEncoder:
         ids = np.array([e.ids for e in enc], dtype=np.int64).reshape(len(texts), self.spec.max_length)
         mask = np.array([e.attention_mask for e in enc], dtype=np.int64).reshape(ids.shape)
         return {self.spec.input_names[0]: ids, self.spec.input_names[1]: mask}
+
+
+class ImageTextEncoder:
+    """``(image, question)`` pairs -> the image spec's and the text spec's arrays together."""
+
+    def __init__(self, spec: ImageTextSpec, base_dir: str | os.PathLike) -> None:
+        self.spec = spec
+        self._text = TextEncoder(spec.text, base_dir)
+
+    def __call__(self, pairs: Sequence[Any]) -> dict[str, np.ndarray]:
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and isinstance(pair[1], (str, bytes))):
+                raise InputError(f"input {i}: this model answers questions about images; give (image, question) "
+                                 f"pairs, got {type(pair).__name__}")
+        return {**encode_images(self.spec.image, [p[0] for p in pairs]), **self._text([p[1] for p in pairs])}
+
+
+def make_encoder(spec: Spec, base_dir: str | os.PathLike | None) -> Callable[[Sequence[Any]], dict[str, np.ndarray]]:
+    """The function from a list of raw inputs to model input arrays; ``base_dir`` holds tokenizer files."""
+    if isinstance(spec, ImageSpec):
+        return lambda items: encode_images(spec, items)
+    if base_dir is None:
+        raise ConfigError("text preprocessing needs the directory that holds its tokenizer file")
+    return TextEncoder(spec, base_dir) if isinstance(spec, TextSpec) else ImageTextEncoder(spec, base_dir)

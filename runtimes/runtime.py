@@ -3,6 +3,7 @@
     from runtimes import Runtime
     rt = Runtime.load("bundles/digits")              # backend="auto": TensorRT if built, else ONNX Runtime
     result = rt.infer(["frame.png"])                 # paths, PIL images, HWC uint8 arrays, or text
+    result = rt.infer("digit.png", question="is it even?")   # vision-language bundles
     result[0].label, result[0].confidence, result[0].exit
 
 Needs numpy and one backend package; never torch. Inputs larger than the bundle's max batch are
@@ -22,7 +23,7 @@ from runtimes.backends import Backend, get_backend
 from runtimes.bundle import Bundle, load_bundle
 from runtimes.chain import POLICIES, ChainOutput, RecordOutput, record_chain, run_chain, run_full
 from runtimes.errors import BackendUnavailableError, ConfigError, InputError
-from runtimes.preprocess import ImageSpec, TextEncoder, encode_images
+from runtimes.preprocess import ImageTextSpec, make_encoder
 
 __all__ = ["Runtime", "Result", "Prediction"]
 
@@ -72,7 +73,7 @@ class Runtime:
                         "run freedeploy calibrate with this backend", bundle.name, ", ".join(bundle.calibration),
                         self.calibration_key)
         self._thresholds = list(own["thresholds"]) if own else list(bundle.thresholds)
-        self._text = TextEncoder(bundle.preprocess, bundle.root) if not isinstance(bundle.preprocess, ImageSpec) else None
+        self._encode = make_encoder(bundle.preprocess, bundle.root)
         self._exit_blocks = np.array([e.block for e in bundle.exits] + [bundle.num_blocks], dtype=np.int64)
 
     @classmethod
@@ -120,18 +121,33 @@ class Runtime:
         return [None if v is None else float(v) for v in values]
 
     # inputs -----------------------------------------------------------------------------------------------
-    def encode(self, items: Any) -> dict[str, np.ndarray]:
-        """Raw inputs -> model input arrays; a dict of arrays passes through after checks."""
+    def encode(self, items: Any, question: str | Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Raw inputs -> model input arrays; a dict of arrays passes through after checks.
+
+        Vision-language bundles take ``(image, question)`` pairs, or images and ``question`` (one
+        question for every image, or one per image)."""
+        pairs = isinstance(self.bundle.preprocess, ImageTextSpec)
+        if question is not None and not pairs:
+            raise InputError("question= applies to vision-language bundles only; this one takes "
+                             f"{self.bundle.preprocess.kind} inputs")
         if isinstance(items, dict):
+            if question is not None:
+                raise InputError("question= cannot be combined with already-encoded arrays")
             return self._check(items)
-        if isinstance(items, (str, bytes, os.PathLike)) or (isinstance(items, np.ndarray) and items.ndim in (2, 3)):
+        single = isinstance(items, (str, bytes, os.PathLike)) or (hasattr(items, "mode") and hasattr(items, "size")) \
+            or (isinstance(items, np.ndarray) and items.ndim in (2, 3))  # a path, a PIL image or one array
+        if single or (pairs and question is None and isinstance(items, tuple) and len(items) == 2
+                      and isinstance(items[1], str)):
             items = [items]
         items = list(items)
         if not items:
             raise InputError("empty batch: give at least one input")
-        if self._text is not None:
-            return self._text(items)
-        return encode_images(self.bundle.preprocess, items)
+        if question is not None:
+            questions = [question] * len(items) if isinstance(question, (str, bytes)) else list(question)
+            if len(questions) != len(items):
+                raise InputError(f"{len(questions)} questions for {len(items)} images: give one, or one per image")
+            items = list(zip(items, questions))
+        return self._encode(items)
 
     def _check(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
@@ -155,12 +171,13 @@ class Runtime:
         return [{k: v[i:i + step] for k, v in arrays.items()} for i in range(0, n, step)]
 
     # inference --------------------------------------------------------------------------------------------
-    def infer(self, inputs: Any, policy: str | None = None,
-              thresholds: Sequence[float | None] | None = None) -> Result:
+    def infer(self, inputs: Any, policy: str | None = None, thresholds: Sequence[float | None] | None = None,
+              question: str | Sequence[str] | None = None) -> Result:
         """Early-exit inference; batches larger than the bundle's max are split. ``thresholds``
-        overrides ``rt.thresholds`` for this call only."""
+        overrides ``rt.thresholds`` for this call only; ``question`` goes with image inputs to a
+        vision-language bundle (see ``encode``)."""
         th = self._thresholds if thresholds is None else self._checked(thresholds)
-        arrays = self.encode(inputs)
+        arrays = self.encode(inputs, question)
         flagged = self._nonfinite(arrays)
         parts = [run_chain(self.backend, self.bundle, c, th, policy or self.policy) for c in self._chunks(arrays)]
         result = self._result(parts)

@@ -90,3 +90,24 @@ def micro_text_bundle(micro_text_run, tmp_path_factory: pytest.TempPathFactory):
     from freedeploy.exporting import export_run
 
     return export_run(micro_text_run, tmp_path_factory.mktemp("bundles") / "text", target="onnx", max_batch=16)
+
+
+MICRO_VILT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 64, "num_hidden_layers": 4}
+
+
+@pytest.fixture(scope="session")
+def micro_vqa_run(tmp_path_factory: pytest.TempPathFactory):
+    """A micro ViLT (its own WordPiece vocabulary) trained briefly on 300 real digit questions."""
+    from freedeploy.train import TrainConfig, train
+
+    tmp = tmp_path_factory.mktemp("micro_vqa")
+    return train(TrainConfig(model="vilt-tiny", data="vqa-digits?limit=300", out=str(tmp / "run"), exits=(1, 3),
+                             finetune_epochs=1, exit_epochs=1, preset_config=tuple(MICRO_VILT.items()),
+                             progress=False, device="cpu")).out
+
+
+@pytest.fixture(scope="session")
+def micro_vqa_bundle(micro_vqa_run, tmp_path_factory: pytest.TempPathFactory):
+    from freedeploy.exporting import export_run
+
+    return export_run(micro_vqa_run, tmp_path_factory.mktemp("bundles") / "vqa", target="onnx", max_batch=16)

@@ -1,4 +1,5 @@
-"""``freedeploy run``: a bundle on image files, folders, videos, a camera, or text. No torch needed."""
+"""``freedeploy run``: a bundle on image files, folders, videos, a camera, or text; a
+vision-language bundle answers ``--question`` about each image. No torch needed."""
 
 from __future__ import annotations
 
@@ -84,36 +85,45 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
 @click.option("--thresholds", callback=parse_thresholds, help="Override the bundle's thresholds, e.g. 0.9,0.9,off.")
 @click.option("--policy", type=click.Choice(["per_sample", "batch"]), default="per_sample", show_default=True)
 @click.option("--max-frames", type=click.IntRange(1), help="Stop a video or camera after this many frames.")
+@click.option("--question", help="Vision-language bundles: the question asked about every image.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
 def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | None, precision: str | None,
-        thresholds: list[float | None] | None, policy: str, max_frames: int | None, as_json: bool) -> None:
+        thresholds: list[float | None] | None, policy: str, max_frames: int | None, question: str | None,
+        as_json: bool) -> None:
     """Run a bundle on images (files, folders), a video file, a camera index, or texts ('-': stdin lines).
+    A vision-language bundle answers --question about each image.
 
     Prints one line per input; unreadable inputs get an error line, the rest still run, and the
     command exits with code 10 at the end.
     """
     from runtimes import Runtime
-    from runtimes.errors import FreedeployError, InputError
-    from runtimes.preprocess import TextSpec
+    from runtimes.errors import ConfigError, FreedeployError, InputError
+    from runtimes.preprocess import ImageTextSpec, TextSpec
 
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, policy=policy)
     if thresholds is not None:
         rt.thresholds = thresholds
     text = isinstance(rt.bundle.preprocess, TextSpec)
+    asks = isinstance(rt.bundle.preprocess, ImageTextSpec)
+    if asks and not question:
+        raise ConfigError(f"bundle {rt.bundle.name!r} answers questions about images: pass --question \"...\"")
+    if question is not None and not asks:
+        raise ConfigError(f"--question applies to vision-language bundles; {rt.bundle.name!r} takes "
+                         f"{rt.bundle.preprocess.kind} inputs")
     records, failed = [], 0
     for name, item in _sources(inputs, text, max_frames):
         try:
             if isinstance(item, Exception):
                 raise InputError(str(item))
-            p = rt.infer([item])[0]
+            p = rt.infer([item], question=question)[0]
         except FreedeployError as exc:
             failed += 1
             records.append({"input": name, "error": str(exc)})
             if not as_json:
                 click.echo(f"{name}: error: {exc}", err=True)
             continue
-        rec = {"input": name, "label": p.label, "class": p.class_index, "confidence": round(p.confidence, 6),
-               "exit": p.exit, "block": p.block}
+        rec = {"input": name, **({"question": question} if asks else {}), "label": p.label, "class": p.class_index,
+               "confidence": round(p.confidence, 6), "exit": p.exit, "block": p.block}
         records.append(rec)
         if not as_json:
             where = "final head" if p.exit == len(rt.bundle.exits) else f"exit {p.exit}"

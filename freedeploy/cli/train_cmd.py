@@ -41,10 +41,11 @@ def _literal(raw: str) -> Any:
 
 @click.command()
 @click.option("--model", default="vit-tiny", show_default=True,
-              help="Preset (vit-tiny, deit-tiny, clip-tiny, bert-tiny), local Hugging Face directory or hub id, "
-                   "or an earlier run dir (its backbone and final head are reused).")
+              help="Preset (vit-tiny, deit-tiny, clip-tiny, bert-tiny, vilt-tiny), local Hugging Face directory or "
+                   "hub id, or an earlier run dir (its backbone and final head are reused).")
 @click.option("--data", default="digits", show_default=True,
-              help="digits | tweets | imagefolder:PATH | text:PATH[?text=COL&label=COL&encoding=ENC]")
+              help="digits | tweets | vqa-digits | imagefolder:PATH | text:PATH[?text=COL&label=COL&encoding=ENC] "
+                   "| vqa:PATH (JSONL of image, question, answer)")
 @click.option("--exits", callback=parse_exits, help="1-based blocks whose output feeds an exit, e.g. 2,4,6 "
               "[default: quarter points of the depth]")
 @click.option("--out", "out", type=click.Path(), help="Run dir to write [default: runs/<data>-<model>].")

@@ -17,6 +17,7 @@ ADAPTER_CASES = {
     "deit": ("deit-tiny", {}),
     "clip-vision": ("clip-tiny", {}),
     "bert": ("bert-tiny", {"vocab_size": 120, "num_hidden_layers": 5}),
+    "vilt": ("vilt-tiny", {"vocab_size": 120}),
 }
 
 
@@ -33,12 +34,24 @@ def _inputs(modality: str) -> dict[str, torch.Tensor]:
     mask = torch.ones(4, 11, dtype=torch.long)
     mask[1, 6:] = 0  # padded row
     mask[2, 1:] = 0  # only [CLS] is valid
+    if modality == "image-text":  # a question and an image per row
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.randn(4, 3, 32, 32, generator=g)}
     return {"input_ids": ids, "attention_mask": mask}
 
 
+def _raster_order(weights: torch.Tensor, n: int, replacement: bool = False, **kw) -> torch.Tensor:
+    """ViLT draws a random order of the image patches (torch.multinomial without replacement);
+    the identity draw makes its hidden states comparable token by token."""
+    return _MULTINOMIAL(weights, n, replacement=replacement, **kw) if replacement else torch.arange(n)
+
+
+_MULTINOMIAL = torch.multinomial
+
+
 @pytest.mark.parametrize("name", sorted(ADAPTER_CASES))
-def test_segmented_forward_matches_hf_exactly(name: str) -> None:
+def test_segmented_forward_matches_hf_exactly(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     preset, extra = ADAPTER_CASES[name]
+    monkeypatch.setattr(torch, "multinomial", _raster_order)
     torch.manual_seed(0)
     bb = load_backbone(preset, ("a", "b", "c"), {**MICRO, **extra})
     exits = (1, 3, 4) if bb.adapter.num_blocks(bb.hf) > 5 else (2, 4)
@@ -63,10 +76,24 @@ def test_exit_head_starts_as_a_copy_of_the_next_block(name: str) -> None:
     for (n1, p1), (n2, p2) in zip(blocks[2].named_parameters(), head.block.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
     cls = bb.adapter.classifier(bb.hf)
-    assert torch.equal(cls.weight, head.classifier.weight) and cls.weight.data_ptr() != head.classifier.weight.data_ptr()
+    for (n1, p1), (n2, p2) in zip(cls.named_parameters(), head.classifier.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
     # the copy is a head of its own: the exit applied to block 2's output equals the backbone's next block
     x = torch.randn(2, 5, 32)
     torch.testing.assert_close(bb.adapter.call_block(blocks[2], x, None), bb.adapter.call_block(head.block, x, None))
+
+
+def test_vilt_answers_do_not_depend_on_the_patch_order() -> None:
+    """Hugging Face ViLT shuffles the image patches on every call; the adapter keeps raster order.
+    Each patch carries its position embedding, so the answer is the same function of the inputs."""
+    torch.manual_seed(2)
+    bb = load_backbone("vilt-tiny", ("a", "b", "c"), {**MICRO, "vocab_size": 120})
+    model = EarlyExitModel(bb.hf, bb.adapter, (2, 4)).eval()
+    inputs = _inputs("image-text")
+    with torch.no_grad():
+        ours = model(inputs).logits
+        for _ in range(3):  # three random patch orders
+            torch.testing.assert_close(bb.hf(**inputs).logits, ours, atol=1e-5, rtol=0)
 
 
 def test_random_exit_init_differs_from_the_backbone() -> None:
