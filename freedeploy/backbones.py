@@ -34,6 +34,7 @@ class Backbone:
     image_defaults: dict[str, Any] = field(default_factory=dict)  # size/mean/std when known
     tokenizer_dir: str | None = None  # where the model's own tokenizer lives, for models that read text
     preprocess: dict[str, Any] | None = None  # a run dir's recorded preprocessing, reused as is
+    recipe: dict[str, Any] = field(default_factory=dict)  # stage-1 defaults a preset was tested with
 
 
 def _vit_like(kind: str) -> Callable[..., Any]:
@@ -78,6 +79,13 @@ PRESETS: dict[str, Callable[..., Any]] = {
 }
 
 
+# Stage-1 settings a preset needs beyond the from-scratch default (60 epochs at 5e-4). vilt-tiny at
+# 5e-4 learns what the question alone predicts and ignores the image; 1e-4 for 40 epochs reads both.
+PRESET_RECIPES: dict[str, dict[str, Any]] = {
+    "vilt-tiny": {"finetune_lr": 1e-4, "finetune_epochs": 40},
+}
+
+
 def preset_names() -> list[str]:
     return sorted(PRESETS)
 
@@ -109,7 +117,8 @@ def load_backbone(spec: str, label_names: tuple[str, ...], overrides: dict[str, 
         for k, v in _label_maps(label_names).items():
             setattr(config, k, v)
         hf, adapter = build_from_config(config)
-        return Backbone(hf, adapter, spec, pretrained=False, head_is_new=True)
+        return Backbone(hf, adapter, spec, pretrained=False, head_is_new=True,
+                        recipe=dict(PRESET_RECIPES.get(spec, {})))
     if overrides:
         raise ModelError("--preset-config only applies to presets: " + ", ".join(preset_names()))
     if (Path(spec) / "freedeploy.json").is_file():

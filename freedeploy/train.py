@@ -88,7 +88,8 @@ def _resolve(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
     exits = check_exits(cfg.exits, num_blocks) if cfg.exits is not None else default_exits(num_blocks)
     epochs = cfg.finetune_epochs
     if epochs is None:
-        epochs = 0 if not backbone.head_is_new else (3 if backbone.pretrained else 60)
+        scratch = backbone.recipe.get("finetune_epochs", 60)
+        epochs = 0 if not backbone.head_is_new else (3 if backbone.pretrained else scratch)
     augment = cfg.augment
     if augment == "auto":
         augment = "shift" if backbone.adapter.modality == "image" else "none"
@@ -99,7 +100,8 @@ def _resolve(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
     if epochs == 0 and backbone.head_is_new:
         raise ConfigError(f"{backbone.source} has no trained classifier for these labels: stage 1 is needed "
                           "(--finetune-epochs > 0)")
-    lr = cfg.finetune_lr if cfg.finetune_lr is not None else (5e-5 if backbone.pretrained else 5e-4)
+    lr = cfg.finetune_lr if cfg.finetune_lr is not None else \
+        (5e-5 if backbone.pretrained else backbone.recipe.get("finetune_lr", 5e-4))
     return replace(cfg, exits=exits, finetune_epochs=epochs, finetune_lr=lr, augment=augment,
                    precision=_precision(cfg.precision, cfg.device))
 

@@ -55,10 +55,10 @@ def _literal(raw: str) -> Any:
               help="Share of the training split whose labels are used; the rest trains exits without labels.")
 @click.option("--finetune-epochs", type=click.IntRange(min=0),
               help="Stage 1 epochs [default: 0 if the classifier is trained, 3 for pretrained weights, "
-                   "60 from scratch].")
+                   "60 from scratch or the preset's recipe].")
 @click.option("--exit-epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Stage 2 epochs.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", "finetune_lr", type=float, help="Stage 1 learning rate [default: 5e-5 pretrained, 5e-4 scratch].")
+@click.option("--lr", "finetune_lr", type=float, help="Stage 1 learning rate [default: 5e-5 pretrained, 5e-4 scratch, or the preset's recipe].")
 @click.option("--exit-lr", type=float, default=5e-4, show_default=True, help="Stage 2 learning rate.")
 @click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True)
 @click.option("--kd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)

@@ -146,3 +146,17 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path: Path) -> None:
     subprocess.run(_train_cmd(tmp_path / "cut", "--resume"), check=True, env=env, cwd=root, capture_output=True)
     assert (tmp_path / "cut" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
     assert not (tmp_path / "cut.checkpoint").exists()
+
+
+def test_presets_resolve_their_own_stage_1_recipe() -> None:
+    from freedeploy.backbones import load_backbone
+    from freedeploy.train import _resolve
+
+    labels = tuple("0123456789")
+    vilt = _resolve(TrainConfig(model="vilt-tiny", data="vqa-digits", out="unused"), load_backbone("vilt-tiny", labels))
+    vit = _resolve(TrainConfig(model="vit-tiny", data="digits", out="unused"), load_backbone("vit-tiny", labels))
+    assert (vilt.finetune_epochs, vilt.finetune_lr) == (40, 1e-4)
+    assert (vit.finetune_epochs, vit.finetune_lr) == (60, 5e-4)
+    mine = _resolve(TrainConfig(model="vilt-tiny", data="vqa-digits", out="unused", finetune_epochs=5, finetune_lr=3e-4),
+                    load_backbone("vilt-tiny", labels))
+    assert (mine.finetune_epochs, mine.finetune_lr) == (5, 3e-4)
