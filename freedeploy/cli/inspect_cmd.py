@@ -27,7 +27,11 @@ def describe(bundle_dir: Path) -> dict[str, Any]:
     validation = None
     if (bundle_dir / "validation.json").is_file():
         v = json.loads((bundle_dir / "validation.json").read_text())
+        per_file: dict[str, float] = {}
+        for f in v.get("files", []):
+            per_file[f["file"]] = max(per_file.get(f["file"], 0.0), float(f["max_abs_diff"]))
         validation = {"validated": v.get("validated"), "max_abs_diff": v.get("max_abs_diff"),
+                      "tolerance": v.get("tolerance"), "per_file": per_file,
                       "chain_parity": (v.get("chain_parity") or {}).get("equal"), "precision": v.get("precision")}
     return {"name": b.name, "schema_version": b.schema_version, "labels": list(b.labels),
             "preprocess": b.preprocess.to_dict(), "inputs": [(t.name, t.dtype, list(t.shape)) for t in b.inputs],
@@ -65,11 +69,27 @@ def inspect(bundle_dir: str, as_json: bool) -> None:
             for s in info["stages"]]
     click.echo(table(["stage", "blocks", "exit after block", "confidence", "threshold"], rows))
     v = info["validation"]
-    if v:
-        click.echo(f"validation: max abs diff {v['max_abs_diff']:.3g}, chained predictions equal torch: "
-                   f"{v['chain_parity']}" if v["validated"] else "validation: skipped at export")
+    if v and v["validated"]:
+        click.echo(table(["file", "max abs diff vs torch"], [[f, f"{d:.3g}"] for f, d in v["per_file"].items()]))
+        click.echo(f"validation: max abs diff {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:g}), chained "
+                   f"predictions equal torch: {v['chain_parity']}")
+    elif v:
+        click.echo("validation: skipped at export")
+    p = (v or {}).get("precision")
+    if p:
+        pct = lambda xs: " / ".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
+        click.echo(f"{p['precision']} vs fp32 (test split): exit decisions agree {pct(p['exit_decision_agreement'])} % "
+                   f"at threshold {p['reference_threshold']:g}, predictions {pct(p['prediction_agreement'])} %, "
+                   f"accuracy change {100 * p['accuracy_change']:+.2f} points")
     cal = info["calibration"]
-    click.echo("calibration: " + ("none (every exit is off until `freedeploy calibrate`)" if not cal else json.dumps(cal)))
+    if not cal:
+        click.echo("calibration: none (every exit is off until `freedeploy calibrate`)")
+    for key, c in (cal or {}).items():
+        th = ", ".join("off" if t is None else f"{t:.4f}" for t in c.get("thresholds", []))
+        bound = (f"{c['loss']} <= {100 * c['delta']:g}% with probability >= {1 - c['epsilon']:g}"
+                 if c.get("delta") is not None else f"latency budget {c.get('latency_budget_ms')} ms")
+        click.echo(f"calibration {key}: thresholds {th}; {bound} (n = {c.get('n')}, {c.get('data', {}).get('split')} "
+                   f"split, {c.get('calibrated', '?')})")
     engines = info["engines"]
     if not engines:
         click.echo("engines: none (build with `freedeploy build BUNDLE --target trt-fp16` on the device)")

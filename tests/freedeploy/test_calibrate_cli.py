@@ -59,6 +59,12 @@ def test_inspect_and_run(bundle_dir: Path, tmp_path: Path) -> None:
     info = json.loads(res.stdout)
     assert [s["stage"] for s in info["stages"]] == [0, 1, 2] and info["engines"] == []
     assert info["validation"]["chain_parity"] is True
+    assert set(info["validation"]["per_file"]) == {
+        f"onnx/{n}.onnx" for n in ("segment_0", "segment_1", "segment_2", "exit_0", "exit_1", "full")}
+    assert max(info["validation"]["per_file"].values()) == info["validation"]["max_abs_diff"] <= 1e-4
+    text = _cli(["inspect", str(bundle_dir)]).stdout
+    assert "onnx/exit_1.onnx" in text and "chained predictions equal torch: True" in text
+    assert "with probability >= 0.95" in text or "calibration: none" in text
     digits = load_dataset("digits")
     for i in range(3):
         Image.fromarray(digits.items[i]).save(tmp_path / f"{i}.png")
