@@ -122,14 +122,20 @@ def _finish(spec: str, modality: str, items: list[Any], raw_labels: Sequence[Any
     return Dataset(spec, modality, items, labels, tuple(names))
 
 
-def _load_digits(spec: str) -> Dataset:
+def digit_images(name: str = "digits") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled handwritten digits as (N, 8, 8) uint8 images and their digits;
+    ``name`` is the data set asking, for the error message."""
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise DataError("the 'digits' data set needs scikit-learn: pip install scikit-learn") from exc
+        raise DataError(f"the {name!r} data set needs scikit-learn: pip install scikit-learn") from exc
     d = load_digits()
-    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), values 0..16 -> 0..255
-    return _finish(spec, "image", list(images), [int(t) for t in d.target])
+    return np.rint(d.images * (255.0 / 16.0)).astype(np.uint8), d.target  # values 0..16 -> 0..255
+
+
+def _load_digits(spec: str) -> Dataset:
+    images, digits = digit_images()
+    return _finish(spec, "image", list(images), [int(t) for t in digits])
 
 
 def _load_tweets(spec: str) -> Dataset:

@@ -177,10 +177,6 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
                 mininterval=0.1 if live else 30.0)
 
 
-def _steps(epochs: int, rows: int, batch_size: int) -> int:
-    return epochs * math.ceil(rows / batch_size)
-
-
 def finetune(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool: np.ndarray, cfg: TrainConfig,
              ctx: DistContext, ckpt: Checkpoints, saved: Saved | None) -> None:
     """Stage 1: backbone + final head on the labelled rows, plain cross-entropy."""

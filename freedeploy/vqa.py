@@ -69,15 +69,12 @@ def _build(spec: str, items: list[Any], answers: list[str], groups: list[int], n
 
 
 def load_vqa_digits(spec: str) -> Any:
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise DataError("the 'vqa-digits' data set needs scikit-learn: pip install scikit-learn") from exc
-    d = load_digits()
-    images = np.rint(d.images * (255.0 / 16.0)).astype(np.uint8)  # (N, 8, 8), values 0..16 -> 0..255
+    from freedeploy.data import digit_images
+
+    images, digits = digit_images("vqa-digits")
     rng = np.random.default_rng(_SEED)
     items, answers, groups = [], [], []
-    for i, (image, digit) in enumerate(zip(images, d.target)):
+    for i, (image, digit) in enumerate(zip(images, digits)):
         for question, answer in digit_questions(int(digit), rng):
             items.append((image, question))
             answers.append(answer)
