@@ -43,9 +43,14 @@ def suites(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def shown(cmd: list[str]) -> str:
+    """A command as the document shows it: copy-pasteable, with $(...) kept live."""
+    words = ["freedeploy", *[minilm_path_label(c) for c in cmd]]
+    return " ".join(c if c.startswith("$(") else shlex.quote(c) for c in words)
+
+
 def run(cmd: list[str], log: list[str], parse: bool = True) -> dict | None:
-    shown = ["freedeploy", *[minilm_path_label(c) for c in cmd]]
-    log.append(" ".join(c if c.startswith("$(") else shlex.quote(c) for c in shown))  # keep $(...) live
+    log.append(shown(cmd))
     print("$", log[-1], flush=True)
     proc = subprocess.run([*CLI, *cmd], capture_output=True, text=True, cwd=ROOT, env={**os.environ})
     if proc.returncode != 0:
@@ -83,8 +88,7 @@ def measure(s: dict, args: argparse.Namespace) -> dict:
     if not (s["run"] / "freedeploy.json").is_file():
         run([*train, "--out", str(s["run"]), "--json", "--no-progress"], log)
     else:
-        log.append(" ".join(["freedeploy", *[minilm_path_label(c) for c in train], "--out", minilm_path_label(str(s["run"]))])
-                   + "   # (run dir reused)")
+        log.append(shown([*train, "--out", str(s["run"])]) + "   # (run dir reused)")
     exported = run(["export", str(s["run"]), "--target", "onnx", "--out", str(s["bundle"]), "--overwrite", "--json"], log)
     cal = run(["calibrate", str(s["bundle"]), "--split", "val", "--max-disagreement", s["delta"], "--json"], log)
     ev = run(["eval", str(s["bundle"]), "--split", "test", "--json"], log)
@@ -96,6 +100,7 @@ def measure(s: dict, args: argparse.Namespace) -> dict:
 
 def section(r: dict, doc_dir: Path) -> str:
     s, ev, cal, b = r["suite"], r["eval"], r["calibration"], r["bench"]
+    h = b["heads"]
     v = r["export"]["validation"]
     lat = b["batch1_ms"]
     rows = "\n".join(f"| {k} | {x['mean']:.3f} | {x['p50']:.3f} | {x['p90']:.3f} | {x['p99']:.3f} |" for k, x in lat.items())
@@ -122,6 +127,10 @@ def section(r: dict, doc_dir: Path) -> str:
   {b['measured_speedup_median']:.2f}x median), analytic {b['analytic_speedup']:.2f}x, measured/analytic
   {b['measured_over_analytic']:.2f}. Chain with exits off: {b['no_exit_over_full_median']:.3f}x the monolithic time;
   a sample that never exits: {b['never_exits_over_full_mean']:.2f}x.
+- Exit heads ({', '.join(h['head_kind'])}): measured cost {', '.join(f'{f:.2f}' for f in h['head_fraction_of_block'])} of a
+  backbone block ({h['block_ms']:.3f} ms), analytic {', '.join(f'{f:.3f}' for f in h['head_analytic_fraction'])}. Speed-up
+  predicted from each graph's own measured time: {b['expected_speedup']:.2f}x; measured/predicted
+  {b['measured_over_expected']:.2f}.
 - Batch 32: per-sample compaction {t32.get('per_sample_speedup', float('nan')):.2f}x the monolithic throughput,
   batch policy {t32.get('batch_policy_speedup', float('nan')):.2f}x.
 
@@ -160,7 +169,9 @@ Every variant is measured in one process, on the same backend and settings, on r
 inputs, interleaved in a shuffled order round after round; the figures that matter are the
 ratios. "Monolithic" is the whole model exported as one ONNX graph (`full.onnx`); "torch" is the
 eager PyTorch model. Early-exit speed-ups are quoted from mean latency (the latency distribution
-is bimodal, so the median flatters early exit), with percentiles beside them.
+is bimodal, so the median flatters early exit), with percentiles beside them. The analytic
+speed-up counts multiply-adds (an exit head at its own share of a block); the predicted one
+weighs each graph's own measured time by the same exit histogram.
 
 """
     args.out.write_text(head + "\n".join(section(r, args.out.parent) for r in results))

@@ -22,7 +22,7 @@ from calibration.thresholds import exit_decisions
 from freedeploy.evaluation import analytic_speedup
 from runtimes.runtime import Runtime
 
-__all__ = ["latency", "throughput", "summarise", "interleaved", "stats_ms", "head_costs"]
+__all__ = ["latency", "throughput", "summarise", "interleaved", "stats_ms", "head_costs", "cost_model"]
 
 
 def _rows(inputs: dict[str, np.ndarray], start: int, n: int) -> dict[str, np.ndarray]:
@@ -90,9 +90,23 @@ def head_costs(rt: Runtime, inputs: dict[str, np.ndarray], samples: int = 32, ba
     per_block = sum(c for c, _ in middle) / sum(n for _, n in middle)  # segments of pure backbone blocks
     fractions = [c / per_block for c in costs.exits]
     first = rt.bundle.exits[0]
-    return {"block_ms": per_block, "head_ms": list(costs.exits), "head_fraction_of_block": fractions,
+    return {"block_ms": per_block, "segment_ms": list(costs.segments), "full_ms": costs.full, "head_ms": list(costs.exits), "head_fraction_of_block": fractions,
             "head_kind": [e.head for e in rt.bundle.exits], "head_analytic_fraction": [e.cost for e in rt.bundle.exits],
             "ceiling_speedup": rt.bundle.num_blocks / (first.block + fractions[0])}
+
+
+def cost_model(report: dict[str, Any], thresholds: list[float | None]) -> dict[str, float]:
+    """The speed-up predicted from each graph's own measured time over the timed exit histogram,
+    and the measured speed-up against it. Between the analytic figure (multiply-adds) and this one
+    lies what the graphs really cost on this machine; between this one and the measurement lies
+    what chaining them costs (calls, copies, the runtime's own work)."""
+    from calibration.thresholds import expected_cost
+
+    h = report["heads"]
+    per_exit = [expected_cost(np.array([k]), h["segment_ms"], h["head_ms"], thresholds)
+                for k in range(len(h["segment_ms"]))]
+    expected = h["full_ms"] / float(np.dot(report["exit_histogram"], per_exit))
+    return {"expected_speedup": expected, "measured_over_expected": report["measured_speedup_mean"] / expected}
 
 
 def stats_ms(t: np.ndarray) -> dict[str, float]:

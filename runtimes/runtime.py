@@ -13,6 +13,7 @@ split into several calls. ``rt.thresholds`` can be overridden (None disables an 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -75,6 +76,8 @@ class Runtime:
         self._thresholds = list(own["thresholds"]) if own else list(bundle.thresholds)
         self._encode = make_encoder(bundle.preprocess, bundle.root)
         self._exit_blocks = np.array([e.block for e in bundle.exits] + [bundle.num_blocks], dtype=np.int64)
+        # (name, dtype, shape after the batch axis) per input, resolved once: the per-call checks do no parsing
+        self._inputs = [(s.name, np.dtype(s.dtype), tuple(s.shape[1:])) for s in bundle.inputs]
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | None = None,
@@ -116,7 +119,7 @@ class Runtime:
         if len(values) != len(self.bundle.exits):
             raise ConfigError(f"{len(values)} thresholds given; this bundle has {len(self.bundle.exits)} exits")
         for v in values:
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                 raise ConfigError(f"thresholds must be finite numbers or None, got {v!r}")
         return [None if v is None else float(v) for v in values]
 
@@ -151,16 +154,15 @@ class Runtime:
 
     def _check(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
-        for spec in self.bundle.inputs:
-            if spec.name not in arrays:
-                raise InputError(f"input {spec.name!r} is missing; the model takes {[s.name for s in self.bundle.inputs]}")
-            a = np.asarray(arrays[spec.name])
-            if a.dtype != np.dtype(spec.dtype):
-                raise InputError(f"input {spec.name!r} must be {spec.dtype}, got {a.dtype}")
-            want = tuple(spec.shape[1:])
-            if a.ndim != len(spec.shape) or tuple(a.shape[1:]) != want:
-                raise InputError(f"input {spec.name!r} must have shape (batch, {', '.join(map(str, want))}), got {a.shape}")
-            out[spec.name] = np.ascontiguousarray(a)
+        for name, dtype, want in self._inputs:
+            if name not in arrays:
+                raise InputError(f"input {name!r} is missing; the model takes {[n for n, _, _ in self._inputs]}")
+            a = np.asarray(arrays[name])
+            if a.dtype != dtype:
+                raise InputError(f"input {name!r} must be {dtype.name}, got {a.dtype}")
+            if a.shape[1:] != want or a.ndim != len(want) + 1:
+                raise InputError(f"input {name!r} must have shape (batch, {', '.join(map(str, want))}), got {a.shape}")
+            out[name] = a if a.flags.c_contiguous else np.ascontiguousarray(a)
         sizes = {len(a) for a in out.values()}
         if len(sizes) != 1 or 0 in sizes:
             raise InputError(f"inputs need one common, non-zero batch size, got {sorted(sizes)}")
@@ -168,6 +170,8 @@ class Runtime:
 
     def _chunks(self, arrays: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
         n, step = len(next(iter(arrays.values()))), self.bundle.batch.max
+        if n <= step:
+            return [arrays]
         return [{k: v[i:i + step] for k, v in arrays.items()} for i in range(0, n, step)]
 
     # inference --------------------------------------------------------------------------------------------
@@ -188,10 +192,12 @@ class Runtime:
         """Rows holding NaN or Inf: an InputError by default, flagged in the result with nonfinite='flag'."""
         bad = None
         for a in arrays.values():
-            if a.dtype.kind == "f":
+            # min and max are finite exactly when every element is (NaN propagates through both); the
+            # per-row pass runs only when they are not
+            if a.dtype.kind == "f" and a.size and not (math.isfinite(a.min()) and math.isfinite(a.max())):
                 rows = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
                 bad = rows if bad is None else bad | rows
-        if bad is None or not bad.any():
+        if bad is None:
             return None if self.nonfinite == "error" else np.zeros(len(next(iter(arrays.values()))), dtype=bool)
         if self.nonfinite == "error":
             rows = np.flatnonzero(bad)
@@ -210,14 +216,18 @@ class Runtime:
                             np.concatenate([p.predictions for p in parts]))
 
     def _result(self, parts: list[ChainOutput]) -> Result:
-        timings: dict[str, float] = {}
-        for p in parts:
-            for k, v in p.timings.items():
-                timings[k] = timings.get(k, 0.0) + v
-        exits = np.concatenate([p.exits for p in parts])
-        blocks = np.where(exits >= 0, self._exit_blocks[np.clip(exits, 0, None)], self.bundle.num_blocks)
-        return Result(np.concatenate([p.classes for p in parts]), np.concatenate([p.confidences for p in parts]),
-                      exits, self.bundle.labels, blocks, timings)
+        if len(parts) == 1:  # one chunk: no copies
+            p = parts[0]
+            classes, confidences, exits, timings = p.classes, p.confidences, p.exits, dict(p.timings)
+        else:
+            timings = {}
+            for p in parts:
+                for k, v in p.timings.items():
+                    timings[k] = timings.get(k, 0.0) + v
+            classes, confidences, exits = (np.concatenate([getattr(p, f) for p in parts])
+                                           for f in ("classes", "confidences", "exits"))
+        blocks = self._exit_blocks[exits]  # the monolithic graph reports exit -1: the last entry, the full depth
+        return Result(classes, confidences, exits, self.bundle.labels, blocks, timings)
 
     def close(self) -> None:
         self.backend.close()

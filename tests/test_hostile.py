@@ -114,6 +114,9 @@ def test_nonfinite_can_be_flagged_instead(micro_bundle) -> None:
     x[1, 0, 0, 0] = np.nan
     res = rt.infer({"pixel_values": x})
     assert res.flagged.tolist() == [False, True, False] and len(res) == 3
+    x = _good(4)  # one bad element per row kind, anywhere in the row; the largest finite float is fine
+    x[0, 2, 15, 15], x[2, 1, 3, 7], x[3, 0, 0, 1] = -np.inf, np.inf, np.finfo(np.float32).max
+    assert rt.infer({"pixel_values": x}).flagged.tolist() == [True, False, True, False]
     with pytest.raises(ConfigError, match="nonfinite"):
         Runtime.load(micro_bundle.out, nonfinite="ignore")
 

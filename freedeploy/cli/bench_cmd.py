@@ -59,7 +59,7 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
           threads: int | None, runs: int, batch_runs: int, data_spec: str | None, split: str, run_dir: str | None,
           plot_dir: str | None, as_json: bool) -> None:
     """Latency and throughput of the early-exit chain against the monolithic graph."""
-    from freedeploy.benchmark import head_costs, latency, summarise, throughput
+    from freedeploy.benchmark import cost_model, head_costs, latency, summarise, throughput
     from freedeploy.evaluation import bundle_split
     from runtimes import Runtime
 
@@ -76,6 +76,7 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
     labels = data.labels[idx]
     report = summarise(rt, inputs, lat, thr, labels)
     report["heads"] = head_costs(rt, inputs)
+    report.update(cost_model(report, rt.thresholds))
     if max(batches) > 1:
         report["heads_at_batch"] = {str(max(batches)): head_costs(rt, inputs, samples=8, batch=max(batches))}
     report.update(backend=rt.backend.describe(), thresholds=rt.thresholds, data={"spec": data.spec, "split": split})
@@ -101,6 +102,8 @@ def bench_table(r: dict[str, Any]) -> str:
              f"measured speed-up vs monolithic: {r['measured_speedup_mean']:.2f}x (mean latency), "
              f"{r['measured_speedup_median']:.2f}x (median)",
              f"analytic speed-up {r['analytic_speedup']:.2f}x; measured/analytic {r['measured_over_analytic']:.2f}",
+             f"predicted from each graph's measured time {r['expected_speedup']:.2f}x; measured/predicted "
+             f"{r['measured_over_expected']:.2f} (the rest is what chaining costs)",
              f"chain with exits off vs monolithic (median): {r['no_exit_over_full_median']:.3f}x; "
              f"a sample that never exits costs {r['never_exits_over_full_mean']:.2f}x the monolithic model"]
     h = r.get("heads")
