@@ -7,7 +7,9 @@ alike. Reported figures are ratios of those measurements.
 Variants: ``full`` (the monolithic ``full.onnx``), ``early_exit`` (the chain at the bundle's
 thresholds), ``no_exit`` (the chain with every exit switched off: heads skipped),
 ``never_exits`` (heads run but thresholds above 1: the worst case), and ``torch`` (eager torch,
-when a run dir and torch are available).
+when a run dir and torch are available). Torch is timed in rounds of its own after the others:
+its OpenMP threads spin-wait after each call, and interleaved they slowed whichever ONNX Runtime
+variant came next (the monolithic graph's p99 doubled).
 """
 
 from __future__ import annotations
@@ -31,7 +33,14 @@ def _rows(inputs: dict[str, np.ndarray], start: int, n: int) -> dict[str, np.nda
     return {k: np.ascontiguousarray(v[idx]) for k, v in inputs.items()}
 
 
-def _variants(rt: Runtime, torch_fn: Callable | None, policy: str) -> dict[str, Callable[[dict], Any]]:
+def _with_torch(times: dict[str, np.ndarray], torch_fn: Callable | None, inputs: dict[str, np.ndarray], batch: int,
+                runs: int, warmup: int, seed: int) -> dict[str, np.ndarray]:
+    if torch_fn is not None:
+        times["torch"] = interleaved({"torch": torch_fn}, inputs, batch, runs, warmup, seed)["torch"]
+    return times
+
+
+def _variants(rt: Runtime, policy: str) -> dict[str, Callable[[dict], Any]]:
     thresholds = rt.thresholds
     k = len(rt.bundle.exits)
 
@@ -40,8 +49,6 @@ def _variants(rt: Runtime, torch_fn: Callable | None, policy: str) -> dict[str, 
 
     out = {"full": rt.infer_full, "early_exit": chain(thresholds), "no_exit": chain([None] * k),
            "never_exits": chain([2.0] * k)}
-    if torch_fn is not None:
-        out["torch"] = torch_fn
     return out
 
 
@@ -66,16 +73,18 @@ def interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, np
 def latency(rt: Runtime, inputs: dict[str, np.ndarray], runs: int = 200, warmup: int = 20,
             torch_fn: Callable | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Batch-1 seconds per call for every variant, ``runs`` rounds over successive real samples."""
-    return interleaved(_variants(rt, torch_fn, "per_sample"), inputs, 1, runs, warmup, seed)
+    times = interleaved(_variants(rt, "per_sample"), inputs, 1, runs, warmup, seed)
+    return _with_torch(times, torch_fn, inputs, 1, runs, warmup, seed)
 
 
 def throughput(rt: Runtime, inputs: dict[str, np.ndarray], batch: int, runs: int = 30, warmup: int = 3,
                torch_fn: Callable | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Seconds per batch of ``batch`` real samples; the early-exit chain under both policies."""
-    variants = _variants(rt, torch_fn, "per_sample")
+    variants = _variants(rt, "per_sample")
     variants["early_exit/per_sample"] = variants.pop("early_exit")
-    variants["early_exit/batch"] = _variants(rt, None, "batch")["early_exit"]
-    return interleaved(variants, inputs, batch, runs, warmup, seed)
+    variants["early_exit/batch"] = _variants(rt, "batch")["early_exit"]
+    return _with_torch(interleaved(variants, inputs, batch, runs, warmup, seed), torch_fn, inputs, batch, runs, warmup,
+                       seed)
 
 
 def head_costs(rt: Runtime, inputs: dict[str, np.ndarray], samples: int = 32, batch: int = 1) -> dict[str, Any]:

@@ -90,11 +90,18 @@ class Runtime:
         if backend == "auto":
             has_engines = bundle.root is not None and (bundle.root / "engines").is_dir()
             if has_engines and (device is None or device.startswith("cuda")):
+                # each candidate gets the options it takes: an ONNX Runtime setting (threads=...)
+                # must not turn TensorRT away, nor a TensorRT one reach ONNX Runtime
+                trt = get_backend("tensorrt").takes or ()
+                unknown = set(options) - set(trt) - set(get_backend("onnxruntime").takes or options)
+                if unknown:
+                    raise ConfigError(f"no backend takes {', '.join(sorted(unknown))}")
                 try:
-                    return cls(bundle, _make("tensorrt", bundle, precision, device or "cuda", options), policy,
-                               nonfinite)
+                    return cls(bundle, _make("tensorrt", bundle, precision, device or "cuda",
+                                             {k: v for k, v in options.items() if k in trt}), policy, nonfinite)
                 except (BackendUnavailableError, ConfigError) as exc:
                     log.info("TensorRT not used (%s); falling back to ONNX Runtime", exc)
+                options = {k: v for k, v in options.items() if k not in trt}
             backend = "onnxruntime"
         default_device = "cuda" if backend == "tensorrt" else "cpu"
         return cls(bundle, _make(backend, bundle, precision, device or default_device, options), policy, nonfinite)

@@ -46,6 +46,8 @@ def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda for TensorRT, else cpu]")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]))
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads [default: all cores, max 8].")
+@click.option("--spin/--no-spin", default=True, show_default=True,
+              help="ONNX Runtime CPU threads spin-wait between the operators of a run (they stop when it returns).")
 @click.option("--runs", type=click.IntRange(10), default=200, show_default=True, help="Batch-1 rounds per variant.")
 @click.option("--batch-runs", type=click.IntRange(5), default=30, show_default=True,
               help="Rounds per variant at each larger batch size.")
@@ -56,14 +58,16 @@ def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
               help="Write speedup_accuracy.png (a measured threshold sweep) and exit_histogram.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None, precision: str | None,
-          threads: int | None, runs: int, batch_runs: int, data_spec: str | None, split: str, run_dir: str | None,
+          threads: int | None, spin: bool, runs: int, batch_runs: int, data_spec: str | None, split: str, run_dir: str | None,
           plot_dir: str | None, as_json: bool) -> None:
     """Latency and throughput of the early-exit chain against the monolithic graph."""
     from freedeploy.benchmark import cost_model, head_costs, latency, summarise, throughput
     from freedeploy.evaluation import bundle_split
     from runtimes import Runtime
 
-    options = {"threads": threads} if threads else {}
+    options: dict[str, Any] = {"threads": threads} if threads else {}
+    if not spin:
+        options["spinning"] = False
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, **options)
     data, idx = bundle_split(rt.bundle, data_spec, split)
     inputs = rt.encode([data.items[i] for i in idx])

@@ -31,6 +31,8 @@ class Backend(ABC):
     name: ClassVar[str]
     # which device strings the backend accepts, e.g. ("cpu", "cuda", "cuda:0")
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    # the keyword options the backend takes, or None for any (kept in ``self.options``)
+    takes: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", **options: Any) -> None:
         if precision not in bundle.precisions:

@@ -95,11 +95,12 @@ class _State:
 class TensorRTBackend(Backend):
     name = "tensorrt"
     devices = ("cuda", *(f"cuda:{i}" for i in range(8)))
+    takes = ("engine_dir", "cuda_graphs")
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", device: str = "cuda", engine_dir: str | None = None,
                  cuda_graphs: bool = False, **options: Any) -> None:
         if options:  # never guess what an option meant
-            raise ConfigError(f"the tensorrt backend takes engine_dir and cuda_graphs, not {', '.join(sorted(options))}")
+            raise ConfigError(f"the tensorrt backend takes {' and '.join(self.takes)}, not {', '.join(sorted(options))}")
         super().__init__(bundle, precision, device)
         self.device_index = _device_index(device)
         self.cuda_graphs = bool(cuda_graphs)

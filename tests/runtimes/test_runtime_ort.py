@@ -102,3 +102,23 @@ def test_a_bundle_runs_where_torch_cannot_be_imported(micro_bundle) -> None:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).parents[2])
     assert proc.returncode == 0 and proc.stdout.startswith("ran"), proc.stderr
+
+
+def test_cpu_threads_spin_only_while_a_run_lasts(micro_bundle, rt, test_inputs) -> None:
+    def entries(r: Runtime, key: str) -> set[str]:
+        opts = r.backend.sessions["segment_0"].get_session_options()
+        return {opts.get_session_config_entry(key)}
+
+    assert entries(rt, "session.intra_op.allow_spinning") == {"1"} and rt.backend.describe()["spinning"]
+    assert entries(rt, "session.force_spinning_stop") == {"1"}  # idle pools never steal the next session's cores
+    quiet = Runtime.load(micro_bundle.out, backend="onnxruntime", spinning=False)
+    assert entries(quiet, "session.intra_op.allow_spinning") == {"0"} and not quiet.backend.describe()["spinning"]
+    x = {k: v[:8] for k, v in test_inputs.items()}
+    assert np.array_equal(quiet.infer(x, thresholds=rt.thresholds).classes, rt.infer(x).classes)
+
+
+def test_unknown_backend_options_are_refused(micro_bundle) -> None:
+    from runtimes.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="takes threads, .* not threds"):
+        Runtime.load(micro_bundle.out, backend="onnxruntime", threds=2)

@@ -194,6 +194,16 @@ def test_options_and_devices_are_checked(bundle: Bundle) -> None:
         TensorRTBackend(bundle, "fp16", device="cuda:1")
 
 
+def test_auto_gives_each_backend_only_its_own_options(bundle: Bundle) -> None:
+    from runtimes import Runtime
+
+    # an ONNX Runtime setting does not turn TensorRT away: the engines are used, the setting is not theirs
+    with Runtime.load(bundle.root, threads=2, spinning=False, cuda_graphs=True) as rt:
+        assert rt.backend.name == "tensorrt" and rt.backend.cuda_graphs
+    with pytest.raises(ConfigError, match="no backend takes threds"):
+        Runtime.load(bundle.root, threds=2)
+
+
 def test_cuda_graphs_capture_once_per_graph_at_batch_1(gpu: FakeGpu, bundle: Bundle) -> None:
     backend = TensorRTBackend(bundle, "fp16", cuda_graphs=True)
     try:
