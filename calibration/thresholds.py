@@ -22,7 +22,7 @@ import numpy as np
 from calibration.ltt import certifiable_tolerance, learn_then_test
 from runtimes.errors import CalibrationError, ConfigError
 
-__all__ = ["GRID", "PATHS", "exit_decisions", "losses", "expected_cost", "Candidate", "Selection", "certify",
+__all__ = ["GRID", "PATHS", "exit_decisions", "losses", "path_costs", "expected_cost", "Candidate", "Selection", "certify",
            "within_budget"]
 
 # 1 - g spans 1e-4 .. 1 geometrically: dense where max-softmax confidences of good exits live
@@ -58,15 +58,22 @@ def losses(predictions: np.ndarray, taken: np.ndarray, labels: np.ndarray | None
     return np.maximum(0, (early != labels).astype(np.int64) - (full != labels).astype(np.int64)).astype(np.float64)
 
 
-def expected_cost(taken: np.ndarray, stage_costs: Sequence[float], exit_costs: Sequence[float],
-                  thresholds: Sequence[float | None]) -> float:
-    """Mean cost of the chain: segments up to the exit taken plus every enabled head passed."""
+def path_costs(stage_costs: Sequence[float], exit_costs: Sequence[float],
+               thresholds: Sequence[float | None]) -> np.ndarray:
+    """Cost of a sample leaving at exit k (the last entry: the final head): the segments up to it
+    plus every enabled head passed on the way."""
     k1 = len(stage_costs)
     per_exit = np.empty(k1)
     for k in range(k1):
         heads = sum(exit_costs[i] for i in range(min(k + 1, k1 - 1)) if thresholds[i] is not None)
         per_exit[k] = sum(stage_costs[:k + 1]) + heads
-    return float(per_exit[taken].mean())
+    return per_exit
+
+
+def expected_cost(taken: np.ndarray, stage_costs: Sequence[float], exit_costs: Sequence[float],
+                  thresholds: Sequence[float | None]) -> float:
+    """Mean cost of the chain over the exits ``taken``."""
+    return float(path_costs(stage_costs, exit_costs, thresholds)[taken].mean())
 
 
 def path_thresholds(path: str, j: int, num_exits: int) -> tuple[float, ...]:

@@ -47,9 +47,8 @@ def _variants(rt: Runtime, policy: str) -> dict[str, Callable[[dict], Any]]:
     def chain(th: list) -> Callable[[dict], Any]:
         return lambda x: rt.infer(x, policy=policy, thresholds=th)
 
-    out = {"full": rt.infer_full, "early_exit": chain(thresholds), "no_exit": chain([None] * k),
-           "never_exits": chain([2.0] * k)}
-    return out
+    return {"full": rt.infer_full, "early_exit": chain(thresholds), "no_exit": chain([None] * k),
+            "never_exits": chain([2.0] * k)}
 
 
 def interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, np.ndarray], batch: int,
@@ -109,11 +108,10 @@ def cost_model(report: dict[str, Any], thresholds: list[float | None]) -> dict[s
     and the measured speed-up against it. Between the analytic figure (multiply-adds) and this one
     lies what the graphs really cost on this machine; between this one and the measurement lies
     what chaining them costs (calls, copies, the runtime's own work)."""
-    from calibration.thresholds import expected_cost
+    from calibration.thresholds import path_costs
 
     h = report["heads"]
-    per_exit = [expected_cost(np.array([k]), h["segment_ms"], h["head_ms"], thresholds)
-                for k in range(len(h["segment_ms"]))]
+    per_exit = path_costs(h["segment_ms"], h["head_ms"], thresholds)
     expected = h["full_ms"] / float(np.dot(report["exit_histogram"], per_exit))
     return {"expected_speedup": expected, "measured_over_expected": report["measured_speedup_mean"] / expected}
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.thresholds import exit_decisions
+from calibration.thresholds import exit_decisions, expected_cost
 from freedeploy.data import Dataset, load_dataset, make_splits, split_digest
 from freedeploy.metrics import exit_metrics
 from runtimes.bundle import Bundle
@@ -47,10 +47,8 @@ def bundle_split(bundle: Bundle, spec: str | None, split: str) -> tuple[Dataset,
 def analytic_speedup(bundle: Bundle, taken: np.ndarray, thresholds: list[float | None]) -> float:
     """Full depth over mean blocks run, counting each exit head passed at its analytic cost (one
     block for a full-block head, about a sixth for a cls-query head)."""
-    blocks = [e.block for e in bundle.exits] + [bundle.num_blocks]
-    heads = [e.cost if t is not None else 0.0 for e, t in zip(bundle.exits, thresholds)]
-    run = np.array([blocks[k] + sum(heads[:min(k + 1, len(heads))]) for k in range(len(blocks))])
-    return float(bundle.num_blocks / run[taken].mean())
+    blocks = np.diff([0] + [e.block for e in bundle.exits] + [bundle.num_blocks])  # blocks per segment
+    return float(bundle.num_blocks / expected_cost(taken, blocks, [e.cost for e in bundle.exits], thresholds))
 
 
 def evaluate(rt: Runtime, inputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:

@@ -92,8 +92,8 @@ class Runtime:
             if has_engines and (device is None or device.startswith("cuda")):
                 # each candidate gets the options it takes: an ONNX Runtime setting (threads=...)
                 # must not turn TensorRT away, nor a TensorRT one reach ONNX Runtime
-                trt = get_backend("tensorrt").takes or ()
-                unknown = set(options) - set(trt) - set(get_backend("onnxruntime").takes or options)
+                trt, ort = get_backend("tensorrt").takes or (), get_backend("onnxruntime").takes or ()
+                unknown = set(options) - set(trt) - set(ort)
                 if unknown:
                     raise ConfigError(f"no backend takes {', '.join(sorted(unknown))}")
                 try:

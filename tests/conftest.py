@@ -17,6 +17,17 @@ MICRO_TEXT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 
               "vocab_size": 512}
 
 
+def split_arrays(run_dir, split: str = "test") -> dict:
+    """Model input arrays of one split of a run dir, encoded as at export."""
+    from freedeploy.exporting import run_split
+    from freedeploy.inputs import Encoder
+    from freedeploy.rundir import load_run
+
+    _, info = load_run(run_dir)
+    data, idx = run_split(info, split)
+    return Encoder(data, info.preprocess, info.path)(idx)
+
+
 def preset_args(overrides: dict) -> list[str]:
     """``--preset-config`` arguments for the CLI."""
     out: list[str] = []

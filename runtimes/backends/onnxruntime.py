@@ -1,18 +1,18 @@
 """ONNX Runtime backend: CPU, or CUDA through ``onnxruntime-gpu``.
 
-On the CPU every session's intra-op threads spin-wait between the operators of a run, and stop
-the moment the run returns (``session.force_spinning_stop``). Both halves matter. With spinning
-switched off, each parallel operator wakes its worker thread through the kernel, and a digits
-block took 0.50-0.63 ms at batch 1 on 2 cores against 0.40-0.45 ms with spinning during runs
-(the monolithic graph 4.4 against 3.3 ms). Pools that keep
-spinning after their run returns steal the cores from the next session of the chain, which made
-a chain 2-3x slower than one monolithic session. ``spinning=False`` switches spinning off: fewer
-busy cycles where power matters more than latency, and more throughput when many threads call
-at once (8 callers: 1.2x the calls per second), since spinning threads then compete with them. ONNX Runtime's process-wide global thread
-pool avoids the same theft, but once created it forces every other session in the process (the
+On the CPU every session's intra-op threads spin-wait between the operators of a run, and stop the
+moment the run returns (``session.force_spinning_stop``). Both halves matter. With spinning
+switched off, each parallel operator wakes its worker thread through the kernel, and a digits block
+took 0.50-0.63 ms at batch 1 on 2 cores against 0.40-0.45 ms with spinning during runs (the
+monolithic graph 4.4 against 3.3 ms). Pools that keep spinning after their run returns steal the
+cores from the next session of the chain, which made a chain 2-3x slower than one monolithic
+session. ``spinning=False`` switches spinning off: fewer busy cycles where power matters more than
+latency, and more throughput when many threads call at once (8 callers: 1.2x the calls per second),
+since spinning threads then compete with them. ONNX Runtime's process-wide global thread pool
+avoids the same theft, but once created it forces every other session in the process (the
 application's own, ONNX Runtime's quantizer) to opt out of per-session threads or fail, so an
-embeddable runtime must not create it; ``shared_pool=True`` opts in for processes that run
-nothing else.
+embeddable runtime must not create it; ``shared_pool=True`` opts in for processes that run nothing
+else.
 
 The sessions also share one memory arena (an environment allocator). With an arena per session,
 each segment's intermediate buffers were cold in the cache at every call, and a chain with its
@@ -117,11 +117,9 @@ class OrtBackend(Backend):
                     for key in self.sessions}
 
     def _threads_for(self, key: str) -> int:
-        if key.startswith("exit_") and self.bundle.graph(key) is not None:
-            spec = self.bundle.stages[int(key.split("_")[1])].exit
-            if spec is not None and spec.head == "cls-query":
-                return self.head_threads
-        return self.threads
+        one_token = {f"exit_{s.index}" for s in self.bundle.stages
+                     if s.exit is not None and s.exit.head == "cls-query"}
+        return self.head_threads if key in one_token else self.threads
 
     def _session(self, key: str, config: dict[str, str], optimization: str) -> Any:
         ort = self._ort

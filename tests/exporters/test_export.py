@@ -13,6 +13,7 @@ import pytest
 from freedeploy.exporting import export_run
 from runtimes.bundle import load_bundle
 from runtimes.errors import ConfigError
+from tests.conftest import split_arrays
 
 
 @pytest.fixture(scope="module")
@@ -111,10 +112,4 @@ def test_cls_query_and_full_block_bundles_agree(vision_run: Path, onnx_bundle, t
 
 @pytest.fixture(scope="module")
 def test_inputs(vision_run: Path) -> dict:
-    from freedeploy.exporting import run_split
-    from freedeploy.inputs import Encoder
-    from freedeploy.rundir import load_run
-
-    _, info = load_run(vision_run)
-    data, idx = run_split(info, "test")
-    return Encoder(data, info.preprocess, info.path)(idx)
+    return split_arrays(vision_run)

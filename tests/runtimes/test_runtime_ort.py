@@ -13,18 +13,14 @@ import numpy as np
 import pytest
 
 from freedeploy.data import load_dataset
-from freedeploy.exporting import run_split
-from freedeploy.inputs import Encoder
-from freedeploy.rundir import load_run
 from runtimes import Runtime
+from tests.conftest import split_arrays
 from tests.test_layout import BLOCKER
 
 
 @pytest.fixture(scope="module")
 def test_inputs(micro_run) -> dict[str, np.ndarray]:
-    _, info = load_run(micro_run)
-    data, idx = run_split(info, "test")
-    return Encoder(data, info.preprocess, info.path)(idx)
+    return split_arrays(micro_run)
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,13 @@ from freedeploy.inputs import Encoder
 from freedeploy.rundir import load_run
 from runtimes import Runtime
 from runtimes.errors import ConfigError, InputError
+from tests.conftest import split_arrays
 from tests.test_layout import BLOCKER
 
 
 @pytest.fixture(scope="module")
 def vqa_inputs(micro_vqa_run) -> dict[str, np.ndarray]:
-    _, info = load_run(micro_vqa_run)
-    data, idx = run_split(info, "test")
-    return Encoder(data, info.preprocess, info.path)(idx)
+    return split_arrays(micro_vqa_run)
 
 
 @pytest.fixture(scope="module")
