@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.freedeploy-installed
 DEMO ?= demo-out
 
-.PHONY: install demo test test-slow clean
+.PHONY: install demo test test-slow schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,8 @@ demo: $(STAMP)
 	$(BIN)/freedeploy export $(DEMO)/runs/digits --target onnx --out $(DEMO)/bundles/digits --overwrite
 	$(BIN)/freedeploy calibrate $(DEMO)/bundles/digits --split val --max-disagreement 0.01 --epsilon 0.05
 	$(BIN)/freedeploy eval $(DEMO)/bundles/digits --split test
-	$(BIN)/python examples/predict.py $(DEMO)/bundles/digits 8
+	$(BIN)/python examples/save_test_images.py $(DEMO)/bundles/digits $(DEMO)/images 8
+	$(BIN)/python examples/predict.py $(DEMO)/bundles/digits $(DEMO)/images
 	$(BIN)/freedeploy bench $(DEMO)/bundles/digits --batch 1,32
 
 test: $(STAMP)
@@ -36,6 +37,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
+
+# The published JSON Schemas of bundle.json, build.json and validation.json, from the dataclasses.
+schema: $(STAMP)
+	$(BIN)/python -c "from runtimes.records import schemas; from runtimes.schema import dump_schema; \
+	[open('docs/schema/' + n, 'w').write(dump_schema(s)) for n, s in schemas().items()]"
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

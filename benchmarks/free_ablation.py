@@ -58,7 +58,7 @@ def _run_exits(model: str) -> tuple[int, ...] | None:
 
 def markdown(results: dict[str, list[dict]], exits: tuple[int, ...] | None, n_seeds: int) -> str:
     first = next(iter(results.values()))[0]
-    exits = exits or tuple(e["exit"] for e in first["exits"])
+    exits = exits or tuple(e["block"] for e in first["exits"])
     head = "| objective | " + " | ".join(f"exit {e}" for e in exits) + " | final head |"
     lines = [head, "|" + "---|" * (len(exits) + 2)]
     for objective, runs in results.items():

@@ -106,7 +106,8 @@ def section(r: dict, doc_dir: Path) -> str:
     rows = "\n".join(f"| {k} | {x['mean']:.3f} | {x['p50']:.3f} | {x['p90']:.3f} | {x['p99']:.3f} |" for k, x in lat.items())
     t32 = b["throughput"].get("32", {})
     thr = "\n".join(f"| {k} | {x:.1f} |" for k, x in t32.get("samples_per_s", {}).items())
-    per_exit = ", ".join(f"block {e['exit']}: {100 * e['accuracy']:.1f}%" for e in ev["per_exit"])
+    per_exit = ", ".join(f"block {e['block']}: {100 * e['accuracy']:.1f}%" for e in ev["per_exit"])
+    taken = ", ".join(f"{'final head' if k == 'final' else 'block ' + k}: {n}" for k, n in ev["exit_histogram"].items())
     imgs = "\n".join(f"![{p.stem}]({p.relative_to(doc_dir).as_posix()})" for p in map(Path, b.get("plots", [])))
     cmds = "\n".join(r["commands"])
     return f"""## {s['title']}
@@ -122,7 +123,7 @@ def section(r: dict, doc_dir: Path) -> str:
   (calibration risk {100 * cal['calibration_risk']:.2f}%).
 - Test split (n = {ev['n']}): early-exit accuracy {100 * ev['accuracy']:.2f}% vs full model {100 * ev['full_accuracy']:.2f}%;
   disagreement with the full model {100 * ev['disagreement_with_full']:.2f}%; per-exit accuracy {per_exit};
-  overthinking rate {100 * ev['overthinking_rate']:.2f}%; exits taken {ev['exit_histogram']}.
+  overthinking rate {100 * ev['overthinking_rate']:.2f}%; exits taken: {taken}.
 - Speed-up over the monolithic `full.onnx` at batch 1: measured {b['measured_speedup_mean']:.2f}x (mean latency;
   {b['measured_speedup_median']:.2f}x median), analytic {b['analytic_speedup']:.2f}x, measured/analytic
   {b['measured_over_analytic']:.2f}. Chain with exits off: {b['no_exit_over_full_median']:.3f}x the monolithic time;

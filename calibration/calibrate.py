@@ -9,14 +9,14 @@ on the backend and precision it was measured on.
 from __future__ import annotations
 
 import datetime as _dt
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 
-from calibration.costs import StageCosts, measure_costs
+from calibration.costs import measure_costs
 from calibration.thresholds import certify, exit_decisions, expected_cost, within_budget
-from runtimes.bundle import load_bundle, save_bundle
+from runtimes.bundle import by_exit, load_bundle, save_bundle
+from runtimes.records import Certificate, StageCosts
 from runtimes.errors import CalibrationError
 from runtimes.runtime import Runtime
 
@@ -26,16 +26,17 @@ __all__ = ["calibrate_runtime", "write_calibration"]
 def calibrate_runtime(rt: Runtime, inputs: dict[str, np.ndarray], delta: float, epsilon: float,
                       labels: np.ndarray | None = None, latency_budget_ms: float | None = None,
                       data: dict[str, Any] | None = None, cost_samples: int = 32,
-                      paths: tuple[str, ...] = ("shared",)) -> dict[str, Any]:
+                      paths: tuple[str, ...] = ("shared",)) -> Certificate:
     """Thresholds and certificate for this runtime's backend and precision; raises CalibrationError
     when the data cannot certify ``delta`` (early exit then stays as it was: off, if never calibrated)."""
     record = rt.record(inputs)
     costs = measure_costs(rt.backend, inputs, samples=cost_samples)
     conf, pred = record.confidences, record.predictions
-    common = {"n": len(conf), "epsilon": epsilon, "mode": "labels" if labels is not None else "label-free",
-              "loss": "accuracy drop vs the full model" if labels is not None else "disagreement with the full model",
-              "key": rt.calibration_key, "backend": rt.backend.describe(), "data": data or {},
-              "costs_ms": asdict(costs), "calibrated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    common: dict[str, Any] = {
+        "n": len(conf), "epsilon": epsilon, "mode": "labels" if labels is not None else "label-free",
+        "loss": "accuracy drop vs the full model" if labels is not None else "disagreement with the full model",
+        "key": rt.calibration_key, "backend": rt.backend.describe(), "data": data or {}, "costs_ms": costs,
+        "calibrated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     if latency_budget_ms is not None:
         got = within_budget(conf, pred, latency_budget_ms, costs.segments, costs.exits, epsilon, labels)
         c = got["candidate"]
@@ -53,20 +54,21 @@ def calibrate_runtime(rt: Runtime, inputs: dict[str, np.ndarray], delta: float, 
                           + (f", Bonferroni over {len(paths)} paths" if len(paths) > 1 else ""),
                 "delta": delta, "pvalue": c.pvalue, "certified_candidates": sel.safe,
                 "tightest_tolerance": sel.tightest_tolerance}
-    return {**common, **cert, **_expected(c.thresholds, conf, costs), "thresholds": list(c.thresholds),
-            "path": c.path, "grid_index": c.index, "calibration_risk": c.risk}
+    return Certificate(**common, **cert, **_expected(rt, c.thresholds, conf, costs), thresholds=tuple(c.thresholds),
+                       path=c.path, grid_index=c.index, calibration_risk=c.risk)
 
 
-def _expected(thresholds: tuple[float, ...], conf: np.ndarray, costs: StageCosts) -> dict[str, Any]:
+def _expected(rt: Runtime, thresholds: tuple[float, ...], conf: np.ndarray, costs: StageCosts) -> dict[str, Any]:
     taken = exit_decisions(conf, thresholds)
     ms = expected_cost(taken, costs.segments, costs.exits, thresholds)
-    hist = np.bincount(taken, minlength=conf.shape[1]) / len(taken)
-    return {"expected_latency_ms": ms, "expected_speedup": costs.full / ms, "exit_histogram": hist.tolist()}
+    share = np.bincount(taken, minlength=conf.shape[1]) / len(taken)
+    return {"expected_latency_ms": ms, "expected_speedup": costs.full / ms,
+            "exit_share": by_exit(rt.bundle, share.tolist())}
 
 
-def write_calibration(bundle_dir: str, certificate: dict[str, Any]) -> None:
+def write_calibration(bundle_dir: str, certificate: Certificate) -> None:
     """Store the thresholds (as the bundle's defaults and under the certificate's key), atomically."""
     bundle = load_bundle(bundle_dir)
     calibrations = dict(bundle.calibration or {})
-    calibrations[certificate["key"]] = certificate
-    save_bundle(bundle.with_thresholds(tuple(certificate["thresholds"]), calibrations), bundle_dir)
+    calibrations[certificate.key] = certificate
+    save_bundle(bundle.with_thresholds(tuple(certificate.thresholds), calibrations), bundle_dir)

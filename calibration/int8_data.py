@@ -36,10 +36,11 @@ def collect_feeds(backend: Backend, batches: Iterable[dict[str, np.ndarray]]) ->
     feeds: dict[str, list[dict[str, np.ndarray]]] = {k: [] for k in bundle.graph_keys()}
     for inputs in batches:
         state = backend.start(inputs)
-        for key in bundle.graph_keys():
-            names = [t.name for t in bundle.graph(key).inputs]
-            feeds[key].append({n: np.array(v) for n, v in backend.fetch(state, names).items()} if key != "full"
-                              else {n: np.array(inputs[n]) for n in names})
-            if key != "full":
-                backend.run(key, state)
+        for g in bundle.graphs:
+            names = [t.name for t in g.inputs]
+            if g.kind == "full":  # the baseline reads the model inputs, not the chain's state
+                feeds[g.key].append({n: np.array(inputs[n]) for n in names})
+                continue
+            feeds[g.key].append({n: np.array(v) for n, v in backend.fetch(state, names).items()})
+            backend.run(g.key, state)
     return feeds

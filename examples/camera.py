@@ -27,7 +27,8 @@ def main() -> None:
         t0 = time.perf_counter()
         p = rt.infer([cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)])[0]  # HWC uint8 RGB in, preprocessing from the bundle
         ms = 1000 * (time.perf_counter() - t0)
-        print(f"frame {n}: {p.label} (confidence {p.confidence:.2f}, exit {p.exit}, block {p.block}) {ms:.1f} ms")
+        where = "final head" if p.exit_index == len(rt.bundle.exits) else f"exit at block {p.block}"
+        print(f"frame {n}: {p.label} (confidence {p.confidence:.2f}, {where}) {ms:.1f} ms")
         n += 1
     cap.release()
     rt.close()

@@ -1,25 +1,42 @@
-"""A few predictions from a bundle on real test images, with the runtime alone (no torch).
+"""Predictions from a bundle with the runtime alone: numpy and ``runtimes``, no torch, no training code.
 
-    python examples/predict.py BUNDLE [N]
+    python examples/predict.py BUNDLE INPUT...
+
+INPUT: image files or folders of images (an image bundle), or texts (a text bundle).
+``python examples/save_test_images.py BUNDLE DIR`` writes a few images of the bundle's own test
+split to try it on.
 """
 
 import sys
+from pathlib import Path
+from typing import Iterator
 
-from freedeploy.evaluation import bundle_split
 from runtimes import Runtime
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def _inputs(args: list[str]) -> Iterator[str]:
+    """Image paths (a folder gives its images, sorted) or texts, as given."""
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            yield from sorted(str(f) for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            yield arg
 
 
 def main() -> None:
-    bundle_dir, n = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8
-    rt = Runtime.load(bundle_dir)
-    data, idx = bundle_split(rt.bundle, None, "test")
-    rows = idx[:n]
-    result = rt.infer([data.items[i] for i in rows])
-    for i, p in zip(rows, result):
-        truth = data.label_names[data.labels[i]]
-        where = "final head" if p.exit == len(rt.bundle.exits) else f"exit {p.exit}"
-        print(f"test sample {i}: predicted {p.label} (true {truth}), confidence {p.confidence:.3f}, "
-              f"{where} after block {p.block} of {rt.bundle.num_blocks}")
+    if len(sys.argv) < 3:
+        sys.exit(__doc__)
+    rt = Runtime.load(sys.argv[1])  # TensorRT engines when built for this GPU, else ONNX Runtime
+    inputs = list(_inputs(sys.argv[2:]))
+    for name, p in zip(inputs, rt.infer(inputs)):
+        # p.exit_index is the exit's position in the bundle (len(exits): the final head); p.block names it
+        where = (f"final head (block {p.block})" if p.exit_index == len(rt.bundle.exits)
+                 else f"exit at block {p.block} of {rt.bundle.num_blocks}")
+        print(f"{name}: predicted {p.label}, confidence {p.confidence:.3f}, {where}")
+    rt.close()
 
 
 if __name__ == "__main__":

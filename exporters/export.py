@@ -20,39 +20,22 @@ import torch
 
 from calibration.int8_data import FeedReader, collect_feeds
 from exporters.graphs import GraphDef, graph_defs, head_cost
-from exporters.onnx_export import DEFAULT_OPSET, module2onnx
+from exporters.config import TARGETS, ExportConfig
+from exporters.onnx_export import module2onnx
 from exporters.precision import onnx2fp16, onnx2int8
-from exporters.validate import (chain_parity, compare_files, mismatch_dicts, precision_report, record_all,
-                                torch_record)
+from exporters.validate import chain_parity, compare_files, precision_report, record_all, torch_record
 from runtimes.atomic import atomic_directory
 from runtimes.backends.onnxruntime import OrtBackend
-from runtimes.bundle import (MANIFEST, BatchSpec, Bundle, ExitSpec, GraphSpec, StageSpec, load_bundle, save_bundle,
-                             sha256_file)
+from runtimes import naming
+from runtimes.bundle import MANIFEST, BatchSpec, Bundle, GraphSpec, load_bundle, save_bundle, sha256_file
+from runtimes.plan import classifier_bundle
 from runtimes.errors import ConfigError, ValidationError
+from runtimes.records import VALIDATION_FILE, PrecisionCheck, ValidationReport
 from runtimes.preprocess import spec_from_dict
 
 __all__ = ["TARGETS", "ExportConfig", "ExportData", "ExportResult", "export_bundle"]
 
 log = logging.getLogger(__name__)
-
-# --target -> the precision that goes into the ONNX (and later into the engines)
-TARGETS = {"onnx": "fp32", "trt-fp32": "fp32", "trt-fp16": "fp16", "trt-int8": "int8"}
-
-
-@dataclass(frozen=True)
-class ExportConfig:
-    target: str = "onnx"
-    max_batch: int = 64  # the runtime splits larger inputs
-    opt_batch: int = 1  # TensorRT tunes for this batch: 1 is the camera case
-    opset: int = DEFAULT_OPSET
-    calib_samples: int = 256  # training rows that calibrate int8 activations
-    confidence: str = "max_softmax"
-    exit_head: str = "auto"  # cls-query where the model pools token 0 (same function, a fraction of the work)
-    validate: bool = True
-    tolerance: float = 1e-4  # fp32 ONNX vs torch, max abs diff per output
-    max_accuracy_drop: float = 0.02  # fp16 / int8 vs fp32 on the test split, before the export fails
-    overwrite: bool = False
-
 
 @dataclass
 class ExportData:
@@ -67,7 +50,7 @@ class ExportData:
 class ExportResult:
     out: Path
     bundle: Bundle
-    validation: dict[str, Any]
+    validation: ValidationReport
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -94,19 +77,19 @@ def export_bundle(model: torch.nn.Module, run: dict[str, Any], data: ExportData,
         config = getattr(model.hf.config, "vision_config", model.hf.config)
         run = {**run, "exit_head": model.exit_head, "attention_heads": int(config.num_attention_heads)}
         bundle = _save(tmp, _assemble(defs, specs, run, cfg, out.name))
-        validation: dict[str, Any] = {"target": cfg.target, "validated": cfg.validate}
+        validation = ValidationReport(cfg.target, cfg.validate)
         fp32 = OrtBackend(bundle, "fp32", threads=None)
         if cfg.validate:
             say("validating fp32 graphs against torch")
-            validation.update(_validate_fp32(bundle, fp32, {d.key: d.module for d in defs}, data, cfg))
+            validation = _validate_fp32(bundle, fp32, {d.key: d.module for d in defs}, data, cfg)
         if precision != "fp32":
             t1 = time.perf_counter()
             bundle = _save(tmp, _add_precision(bundle, tmp, precision, fp32, data.calib, say))
             timings[f"{precision}_transform_s"] = time.perf_counter() - t1
             if cfg.validate:
                 say(f"validating {precision} graphs against fp32")
-                validation["precision"] = _validate_precision(bundle, precision, fp32, data, cfg)
-        (tmp / "validation.json").write_text(json.dumps(validation, indent=2) + "\n")
+                validation = replace(validation, precision=_validate_precision(bundle, precision, fp32, data, cfg))
+        (tmp / VALIDATION_FILE).write_text(json.dumps(validation.to_dict(), indent=2) + "\n")
         bundle = _save(tmp, bundle)
     timings["total_s"] = time.perf_counter() - t0
     return ExportResult(out, load_bundle(out), validation, time.perf_counter() - t0, timings)
@@ -122,11 +105,12 @@ def _write_onnx(defs: list[GraphDef], test: dict[str, np.ndarray], tmp: Path, cf
     specs = {}
     for d in defs:
         say(f"exporting {d.key}")
-        source = model_inputs if d.key == "full" else state
+        full = d.layout.kind == "full"
+        source = model_inputs if full else state
         args = [source[n] for n in d.inputs]
-        specs[d.key] = module2onnx(d.module, args, d.inputs, d.outputs, tmp / "onnx" / f"{d.key}.onnx",
+        specs[d.key] = module2onnx(d.module, args, d.inputs, d.outputs, tmp / naming.onnx_file(d.key),
                                    opset=cfg.opset, max_batch=cfg.max_batch)
-        if d.key != "full":
+        if not full:
             with torch.no_grad():
                 outs = d.module(*args)
             state.update(zip(d.outputs, outs if isinstance(outs, tuple) else (outs,)))
@@ -135,27 +119,17 @@ def _write_onnx(defs: list[GraphDef], test: dict[str, np.ndarray], tmp: Path, cf
 
 def _assemble(defs: list[GraphDef], specs: dict[str, tuple], run: dict[str, Any], cfg: ExportConfig,
               name: str) -> Bundle:
-    def graph(key: str) -> GraphSpec:
-        return GraphSpec({"fp32": f"onnx/{key}.onnx"}, *specs[key])
+    layout = [d.layout for d in defs]
 
-    exits, bounds = run["exits"], _bounds(run["exits"], run["num_blocks"])
+    def cost(key: str) -> float:  # an exit head reads hidden_<e>: (batch, T, C)
+        tokens, width = specs[key][0][0].shape[1], specs[key][0][0].shape[2]
+        return head_cost(run["exit_head"], tokens, width, run["attention_heads"])
 
-    def exit_spec(k: int) -> ExitSpec:
-        g = graph(f"exit_{k}")
-        tokens, width = g.inputs[0].shape[1], g.inputs[0].shape[2]  # hidden_<e>: (batch, T, C)
-        cost = head_cost(run["exit_head"], tokens, width, run["attention_heads"])
-        return ExitSpec(exits[k], g, cfg.confidence, None, run["exit_head"], cost)
-
-    stages = tuple(StageSpec(k, bounds[k], graph(f"segment_{k}"), exit_spec(k) if k < len(exits) else None)
-                   for k in range(len(bounds)))
-    return Bundle(name=name, labels=tuple(run["labels"]), preprocess=spec_from_dict(run["preprocess"]),
-                  inputs=specs["full"][0], batch=BatchSpec(1, cfg.opt_batch, cfg.max_batch), stages=stages,
-                  full=graph("full"), num_blocks=run["num_blocks"], files={}, provenance=_provenance(run, cfg))
-
-
-def _bounds(exits: list[int], num_blocks: int) -> list[tuple[int, int]]:
-    cuts = [0, *exits, num_blocks]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return classifier_bundle(layout, specs, name=name, labels=run["labels"],
+                             preprocess=spec_from_dict(run["preprocess"]), num_blocks=run["num_blocks"],
+                             batch=BatchSpec(1, cfg.opt_batch, cfg.max_batch), confidence=cfg.confidence,
+                             head=run["exit_head"], head_costs=[cost(g.key) for g in layout if g.kind == "exit"],
+                             provenance=_provenance(run, cfg))
 
 
 def _save(tmp: Path, bundle: Bundle) -> Bundle:
@@ -175,33 +149,33 @@ def _add_precision(bundle: Bundle, tmp: Path, precision: str, fp32: OrtBackend, 
         n, step = len(next(iter(calib.values()))), 32
         feeds = collect_feeds(fp32, ({k: v[i:i + step] for k, v in calib.items()} for i in range(0, n, step)))
 
-    def convert(g: GraphSpec, key: str) -> GraphSpec:
-        say(f"{precision}: {key}")
-        src, rel = tmp / g.files["fp32"], f"onnx/{precision}/{key}.onnx"
+    def convert(g: GraphSpec) -> GraphSpec:
+        say(f"{precision}: {g.key}")
+        src, rel = tmp / g.files["fp32"], naming.onnx_file(g.key, precision)
         if precision == "fp16":
             onnx2fp16(src, tmp / rel)
         else:
-            onnx2int8(src, tmp / rel, FeedReader(feeds[key]))
+            onnx2int8(src, tmp / rel, FeedReader(feeds[g.key]))
         return replace(g, files={**g.files, precision: rel})
 
-    stages = tuple(replace(s, segment=convert(s.segment, f"segment_{s.index}"),
-                           exit=None if s.exit is None else replace(s.exit, graph=convert(s.exit.graph, f"exit_{s.index}")))
+    stages = tuple(replace(s, segment=convert(s.segment),
+                           exit=None if s.exit is None else replace(s.exit, graph=convert(s.exit.graph)))
                    for s in bundle.stages)
-    return replace(bundle, stages=stages, full=convert(bundle.full, "full"))
+    return replace(bundle, stages=stages, full=convert(bundle.full))
 
 
 def _validate_fp32(bundle: Bundle, fp32: OrtBackend, modules: dict[str, torch.nn.Module], data: ExportData,
-                   cfg: ExportConfig) -> dict[str, Any]:
+                   cfg: ExportConfig) -> ValidationReport:
     rows, failures = compare_files(bundle, modules, fp32, data.test, batches=(1, 5), tolerance=cfg.tolerance)
     reference, gaps = torch_record(bundle, modules, data.test)
     parity, _ = chain_parity(bundle, fp32, reference, gaps, data.test, cfg.tolerance)
-    report = {"tolerance": cfg.tolerance, "files": rows, "failures": mismatch_dicts(failures),
-              "max_abs_diff": max(r["max_abs_diff"] for r in rows), "chain_parity": parity,
-              "torch_test_accuracy": float((reference.predictions[:, -1] == data.test_labels).mean())}
+    report = ValidationReport(cfg.target, True, cfg.tolerance, tuple(rows), tuple(failures),
+                              max(r.max_abs_diff for r in rows), parity,
+                              float((reference.predictions[:, -1] == data.test_labels).mean()))
     problems = [str(f) for f in failures]
-    if not parity["equal"]:
-        problems.append(f"chained ONNX Runtime predictions differ from torch on {parity['real_mismatches_per_head']} "
-                        f"of {parity['n']} test samples per head")
+    if not parity.equal:
+        problems.append(f"chained ONNX Runtime predictions differ from torch on {list(parity.real_mismatches_per_head)} "
+                        f"of {parity.n} test samples per head")
     if problems:
         raise ValidationError(f"{len(problems)} validation failure(s): " + "; ".join(problems[:5]) +
                               ("; ..." if len(problems) > 5 else "") + " (use --no-validate to keep the bundle anyway)")
@@ -209,11 +183,11 @@ def _validate_fp32(bundle: Bundle, fp32: OrtBackend, modules: dict[str, torch.nn
 
 
 def _validate_precision(bundle: Bundle, precision: str, fp32: OrtBackend, data: ExportData,
-                        cfg: ExportConfig) -> dict[str, Any]:
+                        cfg: ExportConfig) -> PrecisionCheck:
     reference = record_all(bundle, fp32, data.test)
     report = precision_report(bundle, OrtBackend(bundle, precision), reference, data.test, data.test_labels)
-    if -report["accuracy_change"] > cfg.max_accuracy_drop:
-        raise ValidationError(f"{precision} loses {-100 * report['accuracy_change']:.1f} points of test accuracy "
+    if -report.accuracy_change > cfg.max_accuracy_drop:
+        raise ValidationError(f"{precision} loses {-100 * report.accuracy_change:.1f} points of test accuracy "
                               f"(allowed: {100 * cfg.max_accuracy_drop:.1f}); use --max-accuracy-drop or --no-validate")
     return report
 

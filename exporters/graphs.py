@@ -1,4 +1,5 @@
-"""The torch modules that become the bundle's ONNX graphs, and their tensor names.
+"""The torch modules that become the bundle's ONNX graphs. Which graphs there are, and the names
+and roles of their tensors, come from the one builder's layout (``runtimes.plan``):
 
 - ``segment_k``: model inputs (k = 0) or ``hidden_<e_k>`` -> ``hidden_<e_{k+1}>``; the last segment
   ends in the final head and returns ``logits``, ``confidence``, ``prediction``;
@@ -20,6 +21,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
+
+from runtimes.plan import GraphLayout, classifier_layout
 
 if TYPE_CHECKING:  # exporters never import freedeploy at run time: the model arrives as an object
     from freedeploy.model import EarlyExitModel
@@ -95,30 +98,27 @@ class _Graph(nn.Module):
 
 @dataclass(frozen=True)
 class GraphDef:
-    key: str  # segment_<k>, exit_<k> or full
+    layout: GraphLayout  # key, kind, tensor names and roles, from the one builder (runtimes.plan)
     module: nn.Module
-    inputs: tuple[str, ...]  # ONNX input names, in forward() order
-    outputs: tuple[str, ...]
+
+    @property
+    def key(self) -> str:
+        return self.layout.key
+
+    @property
+    def inputs(self) -> tuple[str, ...]:  # ONNX input names, in forward() order
+        return self.layout.input_names
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return self.layout.output_names
 
 
 def graph_defs(model: "EarlyExitModel", confidence: str = "max_softmax") -> list[GraphDef]:
-    """Every graph of the bundle, in chain order, then ``full``."""
+    """Every graph of the bundle, in chain order, then the full graph."""
     if confidence not in CONFIDENCE_TORCH:
         raise ValueError(f"unknown confidence {confidence!r}")
-    model_inputs = tuple(model.adapter.input_names)
-    mask_name = model.adapter.mask_name
-    mask = (mask_name,) if mask_name else ()
-    emit = bool(mask_name) and mask_name not in model_inputs  # segment 0 computes the mask the rest read
-    head = ("logits", "confidence", "prediction")
-    defs = []
-    n_seg = len(model.segments())
-    for k in range(n_seg):
-        ins = model_inputs if k == 0 else (f"hidden_{model.exits[k - 1]}", *mask)
-        outs = head if k == n_seg - 1 else (f"hidden_{model.exits[k]}", *(mask if emit and k == 0 else ()))
-        defs.append(GraphDef(f"segment_{k}", _Graph(model, "segment", k, confidence, ins, emit and k == 0), ins, outs))
-        if k < n_seg - 1:
-            ins = (f"hidden_{model.exits[k]}", *mask)
-            defs.append(GraphDef(f"exit_{k}", _Graph(model, "exit", k, confidence, ins), ins,
-                                 (f"logits_{k}", f"confidence_{k}", f"prediction_{k}")))
-    defs.append(GraphDef("full", _Graph(model, "full", 0, confidence, model_inputs), model_inputs, head))
-    return defs
+    layout = classifier_layout(tuple(model.adapter.input_names), tuple(model.exits), model.num_blocks,
+                               model.adapter.mask_name)
+    return [GraphDef(g, _Graph(model, g.kind, g.stage or 0, confidence, g.input_names,
+                               emit_mask=g.kind == "segment" and len(g.outputs) > 1)) for g in layout]

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import torch
 
+from exporters.config import DEFAULT_OPSET
 from runtimes.bundle import TensorSpec
 from runtimes.errors import ExportError
 
@@ -19,9 +20,6 @@ __all__ = ["module2onnx", "DEFAULT_OPSET"]
 
 log = logging.getLogger(__name__)
 
-# Opset 23+ turns attention into the native ONNX Attention op, which TensorRT 10.x cannot parse;
-# 18-20 exports plain MatMul/Softmax that every TensorRT version fuses itself.
-DEFAULT_OPSET = 20
 
 
 def _spec(name: str, t: torch.Tensor) -> TensorSpec:

@@ -31,7 +31,10 @@ from typing import Any, Callable
 from runtimes.atomic import atomic_directory, atomic_write_text
 from runtimes.backends.tensorrt_device import (BUILD_FILE, BUILD_SCHEMA, ENGINES_DIR, DeviceInfo, detect_device,
                                         import_tensorrt, read_build, target_key)
+from exporters.config import BuildDefaults
+from runtimes import naming
 from runtimes.bundle import Bundle, load_bundle
+from runtimes.records import EngineSet, GraphBuild
 from runtimes.errors import BundleError, ConfigError, ExportError
 
 __all__ = ["DeviceInfo", "BuildResult", "detect_device", "target_key", "profile_for", "onnx2plan", "build_engines",
@@ -174,7 +177,8 @@ def onnx2plan(onnx_path: Path, profile: Profile, *, timing_cache: bytes | None =
     return bytes(plan), bytes(config.get_timing_cache().serialize())
 
 
-def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = 2.0, optimization_level: int = 3,
+def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = BuildDefaults.workspace_gb,
+                  optimization_level: int = BuildDefaults.optimization_level,
                   progress: Progress | None = None, overwrite: bool = False) -> BuildResult:
     """Build every graph of the bundle for ``precision`` into ``engines/<target-key>/``, atomically."""
     t0 = time.perf_counter()
@@ -200,42 +204,39 @@ def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = 2.0
             plan, cache = onnx2plan(bundle.path(rel), profile, timing_cache=cache, workspace_bytes=workspace,
                                     optimization_level=optimization_level,
                                     progress=_scaled(say, gkey, i, len(keys)) if progress else None)
-            (tmp / f"{gkey}.plan").write_bytes(plan)
-            graphs[gkey] = {"onnx": rel, "onnx_sha256": bundle.files[rel], "plan": f"{gkey}.plan",
-                            "plan_sha256": hashlib.sha256(plan).hexdigest(), "seconds": round(time.perf_counter() - t1, 3),
-                            "profile": {n: {"min": list(s[0]), "opt": list(s[1]), "max": list(s[2])}
-                                        for n, s in profile.items()}}
+            (tmp / naming.plan_file(gkey)).write_bytes(plan)
+            graphs[gkey] = GraphBuild(rel, bundle.files[rel], naming.plan_file(gkey), hashlib.sha256(plan).hexdigest(),
+                                      round(time.perf_counter() - t1, 3),
+                                      {n: {"min": s[0], "opt": s[1], "max": s[2]} for n, s in profile.items()})
         (tmp / TIMING_CACHE).write_bytes(cache or b"")
         record = _build_record(trt, info, key, precision, bundle, graphs, cache or b"", workspace, optimization_level,
                                time.perf_counter() - t0)
-        atomic_write_text(tmp / BUILD_FILE, json.dumps(record, indent=2) + "\n")
+        atomic_write_text(tmp / BUILD_FILE, json.dumps(record.to_dict(), indent=2) + "\n")
     say(f"built {len(keys)} engines", 1.0)
     log.info("built %d TensorRT engines into %s", len(keys), target)
-    return BuildResult(key, target, {k: target / f"{k}.plan" for k in keys}, time.perf_counter() - t0)
+    return BuildResult(key, target, {k: target / naming.plan_file(k) for k in keys}, time.perf_counter() - t0)
 
 
 def _scaled(say: Progress, gkey: str, index: int, total: int) -> Progress:
     return lambda message, fraction: say(f"{gkey}: {message}", (index + fraction) / total)
 
 
-def _build_record(trt: Any, info: DeviceInfo, key: str, precision: str, bundle: Bundle, graphs: dict[str, Any],
-                  cache: bytes, workspace: int, optimization_level: int, seconds: float) -> dict[str, Any]:
+def _build_record(trt: Any, info: DeviceInfo, key: str, precision: str, bundle: Bundle,
+                  graphs: dict[str, GraphBuild], cache: bytes, workspace: int, optimization_level: int,
+                  seconds: float) -> EngineSet:
     """build.json: settings by enum *name*, because TensorRT 11 renumbered enum values."""
-    return {
-        "schema": BUILD_SCHEMA, "key": key, "precision": precision, "bundle": bundle.name,
-        "tensorrt_version": info.tensorrt_version, "cuda_runtime_version": info.cuda_runtime_version,
-        "cuda_driver_version": info.driver_version,
-        "gpu": {"name": info.gpu_name, "compute_capability": list(info.compute_capability), "board": info.board},
-        "jetpack_l4t": info.jetpack,
-        "settings": {"strongly_typed": True, "network_flags": _network_flags(trt)[1], "builder_flags": [],
-                     "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE.name: workspace},
-                     "builder_optimization_level": optimization_level, "optimization_profiles": 1,
-                     "batch": {"min": bundle.batch.min, "opt": bundle.batch.opt, "max": bundle.batch.max}},
-        "graphs": graphs,
-        "timing_cache": {"file": TIMING_CACHE, "sha256": hashlib.sha256(cache).hexdigest()},
-        "build_seconds": round(seconds, 3),
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    return EngineSet(
+        schema=BUILD_SCHEMA, key=key, precision=precision, tensorrt_version=info.tensorrt_version, graphs=graphs,
+        bundle=bundle.name, cuda_runtime_version=info.cuda_runtime_version, cuda_driver_version=info.driver_version,
+        gpu={"name": info.gpu_name, "compute_capability": list(info.compute_capability), "board": info.board},
+        jetpack_l4t=info.jetpack,
+        settings={"strongly_typed": True, "network_flags": _network_flags(trt)[1], "builder_flags": [],
+                  "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE.name: workspace},
+                  "builder_optimization_level": optimization_level, "optimization_profiles": 1,
+                  "batch": {"min": bundle.batch.min, "opt": bundle.batch.opt, "max": bundle.batch.max}},
+        timing_cache={"file": TIMING_CACHE, "sha256": hashlib.sha256(cache).hexdigest()},
+        build_seconds=round(seconds, 3),
+        created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
 
 
 def list_engine_sets(bundle_dir: Path, device: DeviceInfo | None = None) -> list[dict[str, Any]]:
@@ -243,7 +244,7 @@ def list_engine_sets(bundle_dir: Path, device: DeviceInfo | None = None) -> list
     out = []
     for build_file in sorted((Path(bundle_dir) / ENGINES_DIR).glob(f"*/{BUILD_FILE}")):
         try:
-            entry = {**read_build(build_file.parent), "directory": str(build_file.parent)}
+            entry = {**read_build(build_file.parent).to_dict(), "directory": str(build_file.parent)}
         except BundleError as exc:
             out.append({"directory": str(build_file.parent), "error": str(exc)})
             continue

@@ -12,8 +12,7 @@ Three checks, all with ONNX Runtime on the CPU:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,24 +20,12 @@ import torch
 from runtimes.backends.onnxruntime import OrtBackend
 from runtimes.bundle import Bundle
 from runtimes.chain import RecordOutput, record_chain
+from runtimes.records import ChainParity, FileCheck, Mismatch, PrecisionCheck
 
 __all__ = ["Mismatch", "compare_files", "torch_record", "chain_parity", "precision_report", "record_all",
-           "mismatch_dicts", "REFERENCE_THRESHOLD"]
+           "REFERENCE_THRESHOLD"]
 
 REFERENCE_THRESHOLD = 0.9  # exit decisions are compared at FREE's default threshold before calibration
-
-
-@dataclass(frozen=True)
-class Mismatch:
-    file: str
-    output: str
-    batch: int
-    max_abs_diff: float
-    tolerance: float
-
-    def __str__(self) -> str:
-        return (f"{self.file} output {self.output!r} at batch {self.batch}: max abs diff {self.max_abs_diff:.3g} "
-                f"> tolerance {self.tolerance:.3g}")
 
 
 def _torch_outputs(module: torch.nn.Module, feeds: dict[str, np.ndarray], names: Sequence[str]) -> list[np.ndarray]:
@@ -48,25 +35,25 @@ def _torch_outputs(module: torch.nn.Module, feeds: dict[str, np.ndarray], names:
 
 
 def compare_files(bundle: Bundle, modules: dict[str, torch.nn.Module], backend: OrtBackend,
-                  inputs: dict[str, np.ndarray], batches: Sequence[int], tolerance: float) -> tuple[list[dict], list[Mismatch]]:
+                  inputs: dict[str, np.ndarray], batches: Sequence[int],
+                  tolerance: float) -> tuple[list[FileCheck], list[Mismatch]]:
     """Run every graph in torch and ONNX Runtime on the same feeds; returns (report rows, failures)."""
     rows, failures = [], []
     for n in batches:
         state = backend.start({k: v[:n] for k, v in inputs.items()})
-        for key in bundle.graph_keys():
-            spec = bundle.graph(key)
+        for spec in bundle.graphs:
             feeds = backend.fetch(state, [t.name for t in spec.inputs])
-            ref = _torch_outputs(modules[key], feeds, [t.name for t in spec.inputs])
+            ref = _torch_outputs(modules[spec.key], feeds, [t.name for t in spec.inputs])
             probe = backend.start(feeds)
-            backend.run(key, probe)
+            backend.run(spec.key, probe)
             got = backend.fetch(probe, [t.name for t in spec.outputs])
             for t, r in zip(spec.outputs, ref):
                 diff = float(np.abs(got[t.name].astype(np.float64) - r.astype(np.float64)).max())
-                rows.append({"file": spec.files["fp32"], "output": t.name, "batch": n, "max_abs_diff": diff})
+                rows.append(FileCheck(spec.files["fp32"], t.name, n, diff))
                 if diff > tolerance and t.dtype != "int64":
                     failures.append(Mismatch(spec.files["fp32"], t.name, n, diff, tolerance))
-            if key != "full":
-                backend.run(key, state)
+            if spec.kind != "full":
+                backend.run(spec.key, state)
     return rows, failures
 
 
@@ -79,15 +66,16 @@ def torch_record(bundle: Bundle, modules: dict[str, torch.nn.Module], inputs: di
     for i in range(0, n, batch):
         state = {k: v[i:i + batch] for k, v in inputs.items()}
         c, p, g = [], [], []
-        for key in bundle.graph_keys()[:-1]:
-            spec = bundle.graph(key)
-            outs = _torch_outputs(modules[key], state, [t.name for t in spec.inputs])
-            state.update(zip((t.name for t in spec.outputs), outs))
-            if len(spec.outputs) == 3:  # an exit or the final segment: logits, confidence, prediction
-                logits = outs[0]
-                top2 = np.sort(logits, axis=-1)[:, -2:]
-                c.append(outs[1])
-                p.append(outs[2])
+        for spec in bundle.graphs[:-1]:
+            outs = dict(zip((t.name for t in spec.outputs),
+                            _torch_outputs(modules[spec.key], state, [t.name for t in spec.inputs])))
+            state.update(outs)
+            decision = {t.role.partition("_")[2]: outs[t.name] for t in spec.outputs
+                        if t.role.startswith(("exit_", "final_"))}
+            if decision:  # an exit head or the final segment, in chain order
+                top2 = np.sort(decision["logits"], axis=-1)[:, -2:]
+                c.append(decision["confidence"])
+                p.append(decision["prediction"])
                 g.append(top2[:, 1] - top2[:, 0])
         conf.append(np.stack(c, 1))
         pred.append(np.stack(p, 1))
@@ -96,13 +84,13 @@ def torch_record(bundle: Bundle, modules: dict[str, torch.nn.Module], inputs: di
 
 
 def chain_parity(bundle: Bundle, backend: OrtBackend, reference: RecordOutput, gaps: np.ndarray,
-                 inputs: dict[str, np.ndarray], tolerance: float) -> tuple[dict[str, Any], RecordOutput]:
+                 inputs: dict[str, np.ndarray], tolerance: float) -> tuple[ChainParity, RecordOutput]:
     """Chained ONNX Runtime predictions against torch's, per head, on every row."""
     got = record_all(bundle, backend, inputs)
     differ = got.predictions != reference.predictions
     real = differ & (gaps > tolerance)
-    report = {"n": int(len(differ)), "mismatches_per_head": differ.sum(0).tolist(),
-              "real_mismatches_per_head": real.sum(0).tolist(), "equal": bool(not real.any())}
+    report = ChainParity(int(len(differ)), tuple(differ.sum(0).tolist()), tuple(real.sum(0).tolist()),
+                         bool(not real.any()))
     return report, got
 
 
@@ -113,7 +101,7 @@ def record_all(bundle: Bundle, backend: OrtBackend, inputs: dict[str, np.ndarray
 
 
 def precision_report(bundle: Bundle, backend: OrtBackend, fp32: RecordOutput, inputs: dict[str, np.ndarray],
-                     labels: np.ndarray) -> dict[str, Any]:
+                     labels: np.ndarray) -> PrecisionCheck:
     """An fp16 / int8 chain against the fp32 one on the same rows."""
     low = record_all(bundle, backend, inputs)
     t = REFERENCE_THRESHOLD
@@ -123,17 +111,9 @@ def precision_report(bundle: Bundle, backend: OrtBackend, fp32: RecordOutput, in
     k = fp32.predictions.shape[1] - 1
     acc32 = float((fp32.predictions[:, k] == labels).mean())
     acc_low = float((low.predictions[:, k] == labels).mean())
-    return {
-        "precision": backend.precision,
-        "reference_threshold": t,
-        "exit_decision_agreement": [float(x) for x in same[:, :k].mean(0)],
-        "prediction_agreement": [float(x) for x in (fp32.predictions == low.predictions).mean(0)],
-        "max_confidence_diff": float(np.abs(fp32.confidences - low.confidences).max()),
-        "final_accuracy_fp32": acc32,
-        "final_accuracy": acc_low,
-        "accuracy_change": acc_low - acc32,
-    }
-
-
-def mismatch_dicts(failures: Sequence[Mismatch]) -> list[dict[str, Any]]:
-    return [asdict(f) for f in failures]
+    return PrecisionCheck(
+        precision=backend.precision, reference_threshold=t,
+        exit_decision_agreement=tuple(float(x) for x in same[:, :k].mean(0)),
+        prediction_agreement=tuple(float(x) for x in (fp32.predictions == low.predictions).mean(0)),
+        max_confidence_diff=float(np.abs(fp32.confidences - low.confidences).max()),
+        final_accuracy_fp32=acc32, final_accuracy=acc_low, accuracy_change=acc_low - acc32)

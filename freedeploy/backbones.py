@@ -79,8 +79,8 @@ PRESETS: dict[str, Callable[..., Any]] = {
 }
 
 
-# Stage-1 settings a preset needs beyond the from-scratch default (60 epochs at 5e-4). vilt-tiny at
-# 5e-4 learns what the question alone predicts and ignores the image; 1e-4 for 40 epochs reads both.
+# Stage-1 settings a preset needs instead of the from-scratch default (freedeploy.settings.SCRATCH_FINETUNE).
+# vilt-tiny at 5e-4 learns what the question alone predicts and ignores the image; 1e-4 for 40 epochs reads both.
 PRESET_RECIPES: dict[str, dict[str, Any]] = {
     "vilt-tiny": {"finetune_lr": 1e-4, "finetune_epochs": 40},
 }

@@ -7,8 +7,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from analysis.data import load_dataset, split_digest
 from exporters.export import ExportConfig, ExportData, ExportResult, export_bundle
-from freedeploy.data import load_dataset, split_digest
 from freedeploy.inputs import TOKENIZER_FILE, Encoder
 from freedeploy.rundir import load_run
 from runtimes.errors import DataError

@@ -22,21 +22,23 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from freedeploy.settings import OBJECTIVES, TrainConfig
 from runtimes.errors import ConfigError
 
 __all__ = ["OBJECTIVES", "LossWeights", "Discriminator", "ExitObjective"]
 
-OBJECTIVES = ("free", "ce+kd", "ce")
 REAL_TARGET = 0.9  # one-sided label smoothing: D never gets to be certain about "real"
 
 
 @dataclass(frozen=True)
 class LossWeights:
+    """The loss terms' weights; defaults are TrainConfig's (freedeploy.settings)."""
+
     ce: float = 1.0
-    kd: float = 1.0
-    adv: float = 0.1  # full weight of the adversarial term once the ramp is over
-    temperature: float = 2.0  # distillation temperature; T^2 keeps gradient scale independent of T
-    adv_warmup: float = 0.2  # fraction of exit-training steps before the adversarial term ramps in
+    kd: float = TrainConfig.kd_weight
+    adv: float = TrainConfig.adv_weight  # full weight of the adversarial term once the ramp is over
+    temperature: float = TrainConfig.temperature  # distillation temperature
+    adv_warmup: float = TrainConfig.adv_warmup  # fraction of exit-training steps before the ramp starts
 
     @classmethod
     def for_objective(cls, objective: str, **kw: float) -> "LossWeights":

@@ -13,8 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from analysis.data import Dataset
 from freedeploy.backbones import Backbone
-from freedeploy.data import Dataset
 from runtimes.errors import ConfigError, DataError
 from runtimes.preprocess import ImageSpec, ImageTextSpec, Spec, TextEncoder, TextSpec, make_encoder, spec_from_dict
 

@@ -25,20 +25,20 @@ import torch
 from torch import nn
 
 from freedeploy.adapters import Adapter
+from freedeploy.settings import AUTO, EXIT_HEADS, EXIT_INITS, TrainConfig
+from runtimes import plan
 from runtimes.errors import ModelError
 
 __all__ = ["EarlyExitModel", "ExitHead", "EarlyExitOutput", "check_exits", "segment_bounds", "additive_mask",
            "EXIT_HEADS", "resolve_exit_head"]
 
-EXIT_HEADS = ("cls-query", "full-block")
 
-
-def resolve_exit_head(adapter: Adapter, requested: str = "auto") -> str:
+def resolve_exit_head(adapter: Adapter, requested: str = AUTO) -> str:
     """``auto`` -> cls-query where the adapter pools token 0, full-block otherwise."""
-    if requested == "auto":
+    if requested == AUTO:
         return "cls-query" if adapter.pooling == "cls" else "full-block"
     if requested not in EXIT_HEADS:
-        raise ModelError(f"exit head must be auto, cls-query or full-block, got {requested!r}")
+        raise ModelError(f"exit head must be {AUTO} or one of {', '.join(EXIT_HEADS)}, got {requested!r}")
     if requested == "cls-query" and adapter.pooling != "cls":
         raise ModelError(f"{adapter.name} pools over every token ({adapter.pooling} pooling): its exit heads need "
                          "the full block (--exit-head full-block)")
@@ -63,8 +63,7 @@ def check_exits(exits: Sequence[int], num_blocks: int) -> tuple[int, ...]:
 
 def segment_bounds(exits: Sequence[int], num_blocks: int) -> list[tuple[int, int]]:
     """0-based half-open block ranges ``[start, end)`` of each segment, one more than there are exits."""
-    cuts = [0, *check_exits(exits, num_blocks), num_blocks]
-    return list(zip(cuts[:-1], cuts[1:]))
+    return plan.segment_bounds(check_exits(exits, num_blocks), num_blocks)
 
 
 def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -106,8 +105,8 @@ class EarlyExitModel(nn.Module):
 
     additive_mask = staticmethod(additive_mask)  # for callers that only hold the model (exporters)
 
-    def __init__(self, hf: nn.Module, adapter: Adapter, exits: Sequence[int], exit_init: str = "copy",
-                 exit_head: str = "auto") -> None:
+    def __init__(self, hf: nn.Module, adapter: Adapter, exits: Sequence[int], exit_init: str = TrainConfig.exit_init,
+                 exit_head: str = TrainConfig.exit_head) -> None:
         super().__init__()
         self.hf = hf
         self.adapter = adapter
@@ -132,8 +131,8 @@ class EarlyExitModel(nn.Module):
         return self.adapter.feature_dim(self.hf)
 
     def _new_head(self, exit_at: int) -> ExitHead:
-        if self.exit_init not in ("copy", "random"):
-            raise ModelError(f"exit init must be 'copy' or 'random', got {self.exit_init!r}")
+        if self.exit_init not in EXIT_INITS:
+            raise ModelError(f"exit init must be one of {', '.join(EXIT_INITS)}, got {self.exit_init!r}")
         a, hf = self.adapter, self.hf
         block = copy.deepcopy(a.blocks(hf)[exit_at])  # 0-based index e = the block after exit e
         if self.exit_init == "random":

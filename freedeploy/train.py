@@ -17,15 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from analysis.data import Dataset, labelled_subset, load_dataset, make_splits, split_digest, SPLIT_FRACTIONS
+from analysis.metrics import exit_metrics
 from freedeploy.backbones import Backbone, load_backbone
 from freedeploy.checkpoint import BatchStream, Checkpoints, Saved, pack_optimizer, step_seed, unpack_optimizer
-from freedeploy.data import Dataset, labelled_subset, load_dataset, make_splits, split_digest, SPLIT_FRACTIONS
 from freedeploy.distributed import DistContext
 from freedeploy.free import ExitObjective, LossWeights
 from freedeploy.inputs import Encoder, make_preprocess
-from freedeploy.metrics import exit_metrics
 from freedeploy.model import EarlyExitModel, additive_mask, check_exits
 from freedeploy.rundir import save_run
+from freedeploy.settings import AUGMENTS, AUTO, TRAIN_PRECISIONS, TrainConfig, finetune_defaults
 from runtimes.preprocess import ImageSpec
 from runtimes.atomic import atomic_directory
 from runtimes.errors import ConfigError
@@ -33,39 +34,6 @@ from runtimes.errors import ConfigError
 __all__ = ["TrainConfig", "TrainResult", "train", "default_exits"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    model: str = "vit-tiny"  # preset, local Hugging Face dir or hub id, or an earlier run dir
-    data: str = "digits"  # a data spec, see freedeploy.data
-    out: str = "runs/run"
-    exits: tuple[int, ...] | None = None  # 1-based blocks; None: the quarter points of the depth
-    objective: str = "free"  # free | ce+kd | ce
-    labelled_fraction: float = 1.0  # the rest of the training split is used without labels
-    finetune_epochs: int | None = None  # stage 1; None: 0 for a trained head, 3 pretrained, 60 scratch
-    exit_epochs: int = 10  # stage 2, in passes over the whole training split
-    batch_size: int = 32  # global, summed over DDP ranks
-    finetune_lr: float | None = None  # None: 5e-5 for pretrained weights, 5e-4 from scratch
-    exit_lr: float = 5e-4
-    weight_decay: float = 0.01
-    warmup: float = 0.05  # fraction of each stage's steps with a linear learning-rate warm-up
-    temperature: float = 2.0  # distillation temperature
-    kd_weight: float = 1.0
-    adv_weight: float = 0.1  # adversarial (FREE) weight once ramped in
-    adv_warmup: float = 0.2  # fraction of stage-2 steps trained without the adversarial term
-    exit_init: str = "copy"  # exit block initialised from a copy of the next backbone block, or random
-    exit_head: str = "auto"  # cls-query (token 0 only: same function, ~1/6 of the work) or full-block
-    augment: str = "auto"  # shift | none; auto: random shifts for images, none for text
-    max_length: int | None = None  # text: tokens per sequence; None: 99th percentile of the data
-    seed: int = 0  # model init, labelled subset and batch order
-    split_seed: int = 0  # train/val/test split; keep it fixed across runs that are compared
-    device: str = "auto"  # cpu | cuda | auto
-    precision: str = "auto"  # training compute: bf16 autocast where the hardware has it (auto), fp32, bf16
-    preset_config: tuple[tuple[str, Any], ...] = ()  # config overrides for presets, e.g. hidden_size
-    overwrite: bool = False
-    resume: bool = False  # continue an interrupted run from <out>.checkpoint
-    progress: bool = True
 
 
 @dataclass
@@ -86,13 +54,13 @@ def _resolve(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
     """Fill every 'auto' setting; the result is what the run dir records."""
     num_blocks = backbone.adapter.num_blocks(backbone.hf)
     exits = check_exits(cfg.exits, num_blocks) if cfg.exits is not None else default_exits(num_blocks)
-    epochs = cfg.finetune_epochs
-    if epochs is None:
-        scratch = backbone.recipe.get("finetune_epochs", 60)
-        epochs = 0 if not backbone.head_is_new else (3 if backbone.pretrained else scratch)
+    default_epochs, default_lr = finetune_defaults(backbone.head_is_new, backbone.pretrained, backbone.recipe)
+    epochs = default_epochs if cfg.finetune_epochs is None else cfg.finetune_epochs
     augment = cfg.augment
-    if augment == "auto":
+    if augment == AUTO:
         augment = "shift" if backbone.adapter.modality == "image" else "none"
+    elif augment not in AUGMENTS:
+        raise ConfigError(f"augment must be {AUTO} or one of {', '.join(AUGMENTS)}, got {augment!r}")
     elif augment == "shift" and backbone.adapter.modality != "image":
         raise ConfigError("--augment shift applies to image models only")
     if epochs < 0 or cfg.exit_epochs < 1 or cfg.batch_size < 1:
@@ -100,8 +68,7 @@ def _resolve(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
     if epochs == 0 and backbone.head_is_new:
         raise ConfigError(f"{backbone.source} has no trained classifier for these labels: stage 1 is needed "
                           "(--finetune-epochs > 0)")
-    lr = cfg.finetune_lr if cfg.finetune_lr is not None else \
-        (5e-5 if backbone.pretrained else backbone.recipe.get("finetune_lr", 5e-4))
+    lr = default_lr if cfg.finetune_lr is None else cfg.finetune_lr
     return replace(cfg, exits=exits, finetune_epochs=epochs, finetune_lr=lr, augment=augment,
                    precision=_precision(cfg.precision, cfg.device))
 
@@ -109,9 +76,9 @@ def _resolve(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
 def _precision(requested: str, device: str) -> str:
     """bf16 autocast on GPUs that support it and on CPUs with AMX or AVX512-BF16 (1.8x faster for
     vit-tiny on such a CPU); fp32 elsewhere, where bf16 would be emulated and slow."""
-    if requested not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"precision must be auto, fp32 or bf16, got {requested!r}")
-    if requested != "auto":
+    if requested != AUTO and requested not in TRAIN_PRECISIONS:
+        raise ConfigError(f"precision must be {AUTO} or one of {', '.join(TRAIN_PRECISIONS)}, got {requested!r}")
+    if requested != AUTO:
         return requested
     if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from freedeploy.adapters import Adapter, attend_one_query, register
+from runtimes import naming
 
 __all__ = ["ViltAdapter", "vilt_tiny"]
 
@@ -47,7 +48,7 @@ class ViltAdapter(Adapter):
 
     @property
     def mask_name(self) -> str | None:
-        return "token_mask"  # text mask + image tokens: computed by segment 0, not a model input
+        return naming.TOKEN_MASK  # text mask + image tokens: computed by segment 0, not a model input
 
     def embed(self, hf: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         emb = hf.vilt.embeddings

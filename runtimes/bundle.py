@@ -2,26 +2,39 @@
 
 A bundle is a directory with ``bundle.json`` at its root::
 
-    bundle.json                 this manifest (schema_version 1)
+    bundle.json                 this manifest: the plan (schema_version 2)
     onnx/segment_<k>.onnx       backbone segment k (the last one ends in the final head)
     onnx/exit_<k>.onnx          exit head k: logits, and in fp32 the confidence and predicted class
     onnx/full.onnx              the whole model in one graph: the baseline for parity and benchmarks
     onnx/fp16/..., onnx/int8/.. the same graphs with precision put into the ONNX (trt-fp16, trt-int8)
-    validation.json             export validation report
+    validation.json             export validation report (``runtimes.records.ValidationReport``)
     tokenizer.json              models that read text
     engines/<target-key>/       TensorRT plans + build.json, where a build ran (self-described)
 
-Stage k runs ``segment_k`` and then, unless it is the last stage, ``exit_k``. Tensors move
-between stages by name: a stage reads its inputs from the running state (the model inputs plus
-every output produced so far) and adds its outputs to it. ``hidden_<e>`` is the output of block e
-(1-based), so ``segment_0`` writes ``hidden_<e1>``, which ``exit_0`` and ``segment_1`` read.
-Models with a token mask feed it to every graph after the embeddings: the model input
-``attention_mask`` when the tokens are the input tokens (text), else ``token_mask``, which
-``segment_0`` computes from the model inputs and writes (an image with a question: text mask +
-image tokens).
+**The plan is data.** ``stages`` lists the chain in order; each stage holds its segment graph and
+(but the last) its exit: the block it reads, its head graph, confidence function and threshold.
+``full`` is the monolithic graph. Every graph carries its ``key`` (how backends and engine sets
+name it), its ``kind`` (segment, exit, full; prefill, decode_step and state_fill are reserved for
+decoders) and its files per precision; every tensor it reads or writes carries its name, dtype,
+shape ("batch" marks the dynamic batch axis) and ``role``:
 
-Only this module reads or writes ``bundle.json``. Loading checks the schema version, field types,
-that every path stays inside the bundle, and the sha256 of every file it lists.
+    model_input        fed by the caller (after preprocessing)
+    hidden             the hidden state carried from a segment to its exit head and the next segment
+    token_mask         a (batch, tokens) mask a segment computes and later graphs read
+    layer_state        per-layer state carried across calls (a decoder's KV cache; reserved)
+    exit_logits, exit_confidence, exit_prediction      an exit's decision
+    final_logits, final_confidence, final_prediction   the final head's decision
+
+A stage's graphs read their inputs from the running state (the model inputs plus every output
+produced so far) and add their outputs to it, so a tensor name means one tensor everywhere.
+Readers look roles and names up here; only ``runtimes.naming`` (used by the builder in
+``runtimes.plan`` and the migration of version-1 manifests) knows how names are made.
+A JSON Schema of this file, generated from these dataclasses, is in ``docs/bundle.schema.json``.
+
+Only this module reads or writes ``bundle.json``. Loading checks every field (``Bundle.check`` and
+``runtimes.contract``), that every path stays inside the bundle, the sha256 of every file, and
+each ONNX file's actual inputs and outputs against the plan. Version-1 manifests (the plan implied
+by names) are migrated on load (``runtimes.migrate``).
 """
 
 from __future__ import annotations
@@ -29,45 +42,92 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
 from runtimes.atomic import atomic_write_text
-from runtimes.errors import BundleError, ConfigError
-from runtimes.preprocess import Spec, spec_from_dict
+from runtimes.confidence import CONFIDENCE
+from runtimes.errors import BundleError, FreedeployError
+from runtimes.preprocess import ImageSpec, ImageTextSpec, Spec, TextSpec
+from runtimes.records import PRECISIONS, Certificate, check_thresholds
+from runtimes.typed import from_dict, to_dict
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "TensorSpec", "GraphSpec", "ExitSpec", "StageSpec", "BatchSpec",
-           "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS"]
+           "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS", "ROLES", "GRAPH_KINDS", "HEADS",
+           "TASKS", "DTYPES", "by_exit"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST = "bundle.json"
-PRECISIONS = ("fp32", "fp16", "int8")
-_DTYPES = ("float32", "float16", "int64", "int32", "bool")
+DTYPES = ("float32", "float16", "int64", "int32", "bool")
+ROLES = ("model_input", "hidden", "token_mask", "layer_state", "exit_logits", "exit_confidence", "exit_prediction",
+         "final_logits", "final_confidence", "final_prediction")
+GRAPH_KINDS = ("segment", "exit", "full", "prefill", "decode_step", "state_fill")
+HEADS = ("cls-query", "full-block")  # the exit head forms (freedeploy.adapters builds them)
+TASKS = ("classify",)  # "generate" comes with decoders
+MAX_BATCH = 1 << 20
+_Error = type[FreedeployError]
 
 
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
-    dtype: str  # numpy dtype name
-    shape: tuple[int | str, ...]  # "batch" marks the dynamic batch axis
+    dtype: str = field(metadata={"choices": DTYPES})  # numpy dtype name
+    shape: tuple[int | str, ...]  # "batch" marks the dynamic batch axis; other names are symbolic sizes
+    role: str = field(default="", metadata={"choices": ROLES, "required": True})  # set by the builder (runtimes.plan)
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if not self.name or len(self.name) > 256:
+            raise error(f"{where}: a tensor needs a name of 1 to 256 characters")
+        if any(isinstance(d, int) and d < 0 for d in self.shape):
+            raise error(f"{where}: shape entries must be non-negative integers or names, found {list(self.shape)}")
 
 
 @dataclass(frozen=True)
 class GraphSpec:
+    key: str  # how backends and engine sets name this graph: segment_0, exit_0, ..., full
+    kind: str = field(metadata={"choices": GRAPH_KINDS})
     files: Mapping[str, str]  # precision -> path relative to the bundle root; "fp32" always present
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if "fp32" not in self.files or any(p not in PRECISIONS for p in self.files):
+            raise error(f"{where}: 'files' must map precisions {', '.join(PRECISIONS)} (fp32 required) to paths, "
+                        f"found {', '.join(map(str, self.files))[:80]}")
+        if not self.inputs or not self.outputs:
+            raise error(f"{where}: graph {self.key} needs inputs and outputs")
+        names = [t.name for t in (*self.inputs, *self.outputs)]
+        if len(set(names)) != len(names):
+            raise error(f"{where}: graph {self.key} names a tensor twice ({', '.join(names)})")
+
+    def output(self, role: str) -> TensorSpec:
+        """The one output with ``role``."""
+        found = [t for t in self.outputs if t.role == role]
+        if len(found) != 1:
+            raise BundleError(f"graph {self.key} has {len(found)} outputs with role {role!r}, expected one")
+        return found[0]
 
 
 @dataclass(frozen=True)
 class ExitSpec:
     block: int  # 1-based: this exit reads block `block`'s output
     graph: GraphSpec
-    confidence: str  # name of the confidence function computed in the graph (runtimes.confidence)
+    confidence: str = field(metadata={"choices": tuple(CONFIDENCE)})  # computed in the graph (runtimes.confidence)
     threshold: float | None  # exit when confidence >= threshold; None: this exit never fires
-    head: str = "full-block"  # cls-query: the head's block runs for the pooled token only
+    head: str = field(default="full-block", metadata={"choices": HEADS})  # cls-query: the block runs for one token
     cost: float = 1.0  # analytic cost of the head in backbone blocks (multiply-adds)
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        check_thresholds((self.threshold,), where, error)
+        if not 0.0 < self.cost <= 2.0:
+            raise error(f"{where}: 'cost' must be in (0, 2] backbone blocks, found {self.cost}")
+
+    @cached_property
+    def decision(self) -> tuple[str, str]:
+        """(confidence, prediction) tensor names: what the loop reads."""
+        return self.graph.output("exit_confidence").name, self.graph.output("exit_prediction").name
 
 
 @dataclass(frozen=True)
@@ -84,22 +144,52 @@ class BatchSpec:
     opt: int
     max: int  # larger inputs are split by the runtime, not refused
 
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if not 1 <= self.min <= self.opt <= self.max <= MAX_BATCH:
+            raise error(f"{where}: batch sizes must satisfy 1 <= min <= opt <= max <= {MAX_BATCH}, found "
+                        f"{self.min}, {self.opt}, {self.max}")
+
+
+def _spec_dump(spec: Spec) -> dict[str, Any]:
+    return spec.to_dict()
+
+
+def _spec_parse(data: Any, where: str, error: _Error) -> Spec:
+    """A preprocessing spec, typed field by field; its ``kind`` says which."""
+    kinds = {"image": ImageSpec, "text": TextSpec, "image-text": ImageTextSpec}
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if not isinstance(kind, str) or kind not in kinds:
+        raise error(f"{where}: 'kind' must be one of {', '.join(kinds)}, found {str(kind)[:40]!r}")
+    return from_dict(kinds[kind], data, where, error)
+
+
+_PREPROCESS_SCHEMA = {"type": "object", "required": ["kind"],
+                      "properties": {"kind": {"enum": ["image", "text", "image-text"]}},
+                      "description": "how raw inputs become the model inputs (runtimes.preprocess)"}
+
 
 @dataclass(frozen=True)
 class Bundle:
     name: str
     labels: tuple[str, ...]
-    preprocess: Spec
-    inputs: tuple[TensorSpec, ...]
+    preprocess: Spec = field(metadata={"parse": _spec_parse, "dump": _spec_dump, "schema": _PREPROCESS_SCHEMA})
+    inputs: tuple[TensorSpec, ...]  # the model inputs, as the caller feeds them
     batch: BatchSpec
     stages: tuple[StageSpec, ...]
     full: GraphSpec
     num_blocks: int
     files: Mapping[str, str]  # relative path -> sha256 of every file the manifest covers
-    provenance: Mapping[str, Any] = field(default_factory=dict)
-    calibration: Mapping[str, Any] | None = None  # the certificate written by `freedeploy calibrate`
     schema_version: int = SCHEMA_VERSION
-    root: Path | None = field(default=None, compare=False)  # where it was loaded from; not serialised
+    task: str = field(default="classify", metadata={"choices": TASKS})
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+    calibration: Mapping[str, Certificate] | None = None  # certificates by calibration key (freedeploy calibrate)
+    root: Path | None = field(default=None, compare=False, metadata={"json": False})  # where it was loaded from
+    loaded_version: int | None = field(default=None, compare=False, metadata={"json": False})  # before migration
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        from runtimes.contract import check_bundle
+
+        check_bundle(self, where, error)
 
     @property
     def exits(self) -> tuple[ExitSpec, ...]:
@@ -113,45 +203,65 @@ class Bundle:
     def precisions(self) -> tuple[str, ...]:
         return tuple(p for p in PRECISIONS if p in self.full.files)
 
-    def graph_keys(self) -> list[str]:
-        """``segment_0, exit_0, segment_1, ..., segment_K, full``: every graph, in chain order."""
-        keys = []
+    @cached_property
+    def graphs(self) -> tuple[GraphSpec, ...]:
+        """Every graph in chain order (segment_0, exit_0, segment_1, ...), then the full graph."""
+        out = []
         for s in self.stages:
-            keys.append(f"segment_{s.index}")
+            out.append(s.segment)
             if s.exit is not None:
-                keys.append(f"exit_{s.index}")
-        return keys + ["full"]
+                out.append(s.exit.graph)
+        return (*out, self.full)
+
+    @cached_property
+    def _by_key(self) -> dict[str, GraphSpec]:
+        return {g.key: g for g in self.graphs}
+
+    def graph_keys(self) -> list[str]:
+        return [g.key for g in self.graphs]
 
     def graph(self, key: str) -> GraphSpec:
-        """The graph named ``segment_<k>``, ``exit_<k>`` or ``full``."""
-        if key == "full":
-            return self.full
-        kind, _, index = key.partition("_")
-        if kind in ("segment", "exit") and index.isdigit() and int(index) < len(self.stages):
-            stage = self.stages[int(index)]
-            graph = stage.segment if kind == "segment" else (stage.exit.graph if stage.exit else None)
-            if graph is not None:
-                return graph
-        raise BundleError(f"bundle {self.name!r} has no graph {key!r}; it has {', '.join(self.graph_keys())}")
+        try:
+            return self._by_key[key]
+        except KeyError:
+            raise BundleError(f"bundle {self.name!r} has no graph {key!r}; it has {', '.join(self._by_key)}") from None
+
+    @cached_property
+    def final_decision(self) -> tuple[str, str]:
+        """(confidence, prediction) names of the final head (the last segment's and the full graph's)."""
+        last = self.stages[-1].segment
+        return last.output("final_confidence").name, last.output("final_prediction").name
 
     def path(self, relative: str) -> Path:
         if self.root is None:
             raise BundleError("this bundle was not loaded from a directory")
         return _inside(self.root, relative)
 
-    def with_thresholds(self, thresholds: tuple[float | None, ...], calibration: Mapping[str, Any] | None) -> "Bundle":
+    def with_thresholds(self, thresholds: tuple[float | None, ...],
+                        calibration: Mapping[str, Certificate] | None) -> "Bundle":
         if len(thresholds) != len(self.exits):
             raise BundleError(f"{len(thresholds)} thresholds given for {len(self.exits)} exits")
+        check_thresholds(tuple(thresholds), "thresholds")
         it = iter(thresholds)
         stages = tuple(s if s.exit is None else replace(s, exit=replace(s.exit, threshold=next(it)))
                        for s in self.stages)
         return replace(self, stages=stages, calibration=calibration)
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("root")
-        data["preprocess"] = self.preprocess.to_dict()
+        data = to_dict(self)
         return {"schema_version": data.pop("schema_version"), **data}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "bundle.json:", error: _Error = BundleError) -> "Bundle":
+        return from_dict(cls, data, where, error)
+
+
+def by_exit(bundle: Bundle, values: "list[Any] | tuple[Any, ...]") -> dict[str, Any]:
+    """Per-head values (every exit in chain order, then the final head) keyed the way users see
+    exits: by the block each reads (``"2"``), and ``"final"``."""
+    if len(values) != len(bundle.exits) + 1:
+        raise BundleError(f"{len(values)} values for {len(bundle.exits)} exits and the final head")
+    return {**{str(e.block): v for e, v in zip(bundle.exits, values)}, "final": values[-1]}
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -163,13 +273,17 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def save_bundle(bundle: Bundle, directory: str | os.PathLike) -> None:
-    """Write ``bundle.json`` atomically (the files it lists must already be in place)."""
-    text = json.dumps(bundle.to_dict(), indent=2) + "\n"
+    """Write ``bundle.json`` atomically (the files it lists must already be in place), always in the
+    current schema version."""
+    text = json.dumps(replace(bundle, schema_version=SCHEMA_VERSION).to_dict(), indent=2) + "\n"
     atomic_write_text(Path(directory) / MANIFEST, text)
 
 
 def load_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read and check a bundle; ``verify`` also checks every file's sha256 (a read of every file)."""
+    from runtimes.contract import check_graph_files
+    from runtimes.migrate import migrate
+
     root = Path(directory)
     manifest = root / MANIFEST
     if not root.is_dir():
@@ -178,10 +292,14 @@ def load_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
         raise BundleError(f"{root} is not a bundle: {MANIFEST} is missing")
     try:
         data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{manifest} is not valid JSON: {exc}") from None
-    bundle = _parse(data, manifest)
-    bundle = replace(bundle, root=root)
+    except (UnicodeDecodeError, ValueError) as exc:  # JSONDecodeError, and integers past Python's digit limit
+        raise BundleError(f"{manifest} is not valid JSON: {str(exc)[:200]}") from None
+    except RecursionError:
+        raise BundleError(f"{manifest} is not a usable manifest: its JSON is nested too deeply") from None
+    except OSError as exc:
+        raise BundleError(f"{manifest} cannot be read: {exc.strerror}") from None
+    bundle = replace(Bundle.from_dict(migrate(data, manifest), f"{manifest}:"), root=root,
+                     loaded_version=data.get("schema_version"))
     for rel, digest in bundle.files.items():
         path = _inside(root, rel)
         try:
@@ -191,13 +309,14 @@ def load_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
                 raise BundleError(f"{manifest}: checksum mismatch for {rel}: the file was changed or corrupted")
         except OSError as exc:
             raise BundleError(f"{manifest}: listed file {rel[:80]} cannot be read: {exc.strerror}") from None
-    for graph in _graphs(bundle):
+    for graph in bundle.graphs:
         for rel in graph.files.values():
             _inside(root, rel)
             if rel not in bundle.files:
                 raise BundleError(f"{manifest}: graph file {rel} has no checksum in 'files'")
     if verify:
         _no_extra_files(root, bundle)
+    check_graph_files(bundle)
     return bundle
 
 
@@ -213,15 +332,6 @@ def _no_extra_files(root: Path, bundle: Bundle) -> None:
             continue
         raise BundleError(f"{root / MANIFEST}: file {rel} is in the bundle but not listed in it (added or "
                           "left behind?); remove it or re-export")
-
-
-def _graphs(bundle: Bundle) -> list[GraphSpec]:
-    out = [bundle.full]
-    for s in bundle.stages:
-        out.append(s.segment)
-        if s.exit is not None:
-            out.append(s.exit.graph)
-    return out
 
 
 def _inside(root: Path, relative: str) -> Path:
@@ -240,106 +350,3 @@ def _inside(root: Path, relative: str) -> Path:
     if path != base and base not in path.parents:
         raise BundleError(f"bundle path {relative!r} resolves outside the bundle (a symlink?)")
     return path
-
-
-# -- parsing with type checks: every problem names the field ----------------------------------------------------
-
-def _need(obj: Any, key: str, kind: type | tuple[type, ...], where: str) -> Any:
-    if not isinstance(obj, dict):
-        raise BundleError(f"{where}: expected an object, found {type(obj).__name__}")
-    if key not in obj:
-        raise BundleError(f"{where}: field '{key}' is missing")
-    value = obj[key]
-    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
-        raise BundleError(f"{where}: field '{key}' must be {_kinds(kind)}, found a boolean")
-    if not isinstance(value, kind):
-        raise BundleError(f"{where}: field '{key}' must be {_kinds(kind)}, found {type(value).__name__}")
-    return value
-
-
-def _kinds(kind: type | tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", list: "a list", dict: "an object",
-             type(None): "null", bool: "a boolean"}
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
-
-
-def _tensor(obj: Any, where: str) -> TensorSpec:
-    name = _need(obj, "name", str, where)
-    dtype = _need(obj, "dtype", str, where)
-    if dtype not in _DTYPES:
-        raise BundleError(f"{where}: dtype {dtype!r} is not one of {_DTYPES}")
-    shape = _need(obj, "shape", list, where)
-    for d in shape:
-        if isinstance(d, bool) or not isinstance(d, (int, str)) or (isinstance(d, int) and d < 0):
-            raise BundleError(f"{where}: shape entries must be non-negative integers or names, found {d!r}")
-    return TensorSpec(name, dtype, tuple(shape))
-
-
-def _graph(obj: Any, where: str) -> GraphSpec:
-    files = _need(obj, "files", dict, where)
-    if "fp32" not in files or not all(isinstance(k, str) and k in PRECISIONS and isinstance(v, str)
-                                      for k, v in files.items()):
-        raise BundleError(f"{where}: 'files' must map precisions {PRECISIONS} (fp32 required) to paths")
-    inputs = tuple(_tensor(t, f"{where}.inputs") for t in _need(obj, "inputs", list, where))
-    outputs = tuple(_tensor(t, f"{where}.outputs") for t in _need(obj, "outputs", list, where))
-    if not inputs or not outputs:
-        raise BundleError(f"{where}: a graph needs inputs and outputs")
-    return GraphSpec(dict(files), inputs, outputs)
-
-
-def _exit(obj: Any, where: str) -> ExitSpec:
-    threshold = _need(obj, "threshold", (int, float, type(None)), where)
-    head = _need(obj, "head", str, where) if "head" in obj else "full-block"
-    cost = float(_need(obj, "cost", (int, float), where)) if "cost" in obj else 1.0
-    if head not in ("cls-query", "full-block") or not 0.0 < cost <= 2.0:
-        raise BundleError(f"{where}: head must be cls-query or full-block with a cost in (0, 2], found {head!r}, {cost}")
-    return ExitSpec(block=_need(obj, "block", int, where), graph=_graph(_need(obj, "graph", dict, where), where + ".graph"),
-                    confidence=_need(obj, "confidence", str, where),
-                    threshold=None if threshold is None else float(threshold), head=head, cost=cost)
-
-
-def _stage(obj: Any, where: str) -> StageSpec:
-    blocks = _need(obj, "blocks", list, where)
-    if len(blocks) != 2 or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
-        raise BundleError(f"{where}: 'blocks' must be [start, end]")
-    ex = _need(obj, "exit", (dict, type(None)), where)
-    return StageSpec(index=_need(obj, "index", int, where), blocks=(blocks[0], blocks[1]),
-                     segment=_graph(_need(obj, "segment", dict, where), where + ".segment"),
-                     exit=None if ex is None else _exit(ex, where + ".exit"))
-
-
-def _parse(data: Any, where: Path) -> Bundle:
-    w = str(where)
-    version = _need(data, "schema_version", int, w)
-    if version > SCHEMA_VERSION:
-        raise BundleError(f"{where} has schema version {version}; this freedeploy reads up to {SCHEMA_VERSION}: "
-                          "upgrade freedeploy")
-    if version < 1:
-        raise BundleError(f"{where} has an invalid schema version {version}")
-    stages = tuple(_stage(s, f"{w}: stages[{i}]") for i, s in enumerate(_need(data, "stages", list, w)))
-    if len(stages) < 2 or stages[-1].exit is not None or any(s.exit is None for s in stages[:-1]):
-        raise BundleError(f"{w}: stages must be two or more, each with an exit except the last")
-    if [s.index for s in stages] != list(range(len(stages))):
-        raise BundleError(f"{w}: stage indices must be 0, 1, 2, ... in order")
-    batch = _need(data, "batch", dict, w)
-    bmin, bopt, bmax = (_need(batch, k, int, f"{w}: batch") for k in ("min", "opt", "max"))
-    if not 1 <= bmin <= bopt <= bmax:
-        raise BundleError(f"{w}: batch sizes must satisfy 1 <= min <= opt <= max, found {bmin}, {bopt}, {bmax}")
-    files = _need(data, "files", dict, w)
-    if not all(isinstance(k, str) and isinstance(v, str) and len(v) == 64 for k, v in files.items()):
-        raise BundleError(f"{w}: 'files' must map relative paths to sha256 hex digests")
-    labels = _need(data, "labels", list, w)
-    if not labels or not all(isinstance(x, str) for x in labels):
-        raise BundleError(f"{w}: 'labels' must be a non-empty list of strings")
-    calibration = _need(data, "calibration", (dict, type(None)), w)
-    try:
-        preprocess = spec_from_dict(_need(data, "preprocess", dict, w))
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise BundleError(f"{w}: 'preprocess' is malformed ({type(exc).__name__}: {exc})") from None
-    return Bundle(
-        name=_need(data, "name", str, w), labels=tuple(labels), preprocess=preprocess,
-        inputs=tuple(_tensor(t, f"{w}: inputs") for t in _need(data, "inputs", list, w)),
-        batch=BatchSpec(bmin, bopt, bmax), stages=stages, full=_graph(_need(data, "full", dict, w), f"{w}: full"),
-        num_blocks=_need(data, "num_blocks", int, w), files=dict(files),
-        provenance=_need(data, "provenance", dict, w), calibration=calibration, schema_version=version)

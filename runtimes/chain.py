@@ -1,6 +1,7 @@
 """The early-exit loop, written once for every backend.
 
-Run segment k, run exit k, read the confidences, keep going only for the rows that have not
+Run segment k, run exit k, read the confidences (graphs and tensors as the bundle's plan names
+them), keep going only for the rows that have not
 exited. Policies:
 
 - ``per_sample`` (default): rows that exit are dropped before the next segment (compaction), so
@@ -64,16 +65,17 @@ def run_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
     state = backend.start(inputs)
     for stage in bundle.stages[:-1]:
         k = stage.index
-        _timed(backend, f"segment_{k}", state, timings)
+        _timed(backend, stage.segment.key, state, timings)
         if thresholds[k] is None:
             continue
-        _timed(backend, f"exit_{k}", state, timings)
-        out = backend.fetch(state, [f"confidence_{k}", f"prediction_{k}"])
-        fire = out[f"confidence_{k}"] >= thresholds[k]
+        _timed(backend, stage.exit.graph.key, state, timings)
+        conf_name, pred_name = stage.exit.decision
+        out = backend.fetch(state, [conf_name, pred_name])
+        fire = out[conf_name] >= thresholds[k]
         if policy == "batch":
             fire &= open_rows[alive]
         rows = alive[fire]
-        classes[rows], conf[rows], exits[rows] = out[f"prediction_{k}"][fire], out[f"confidence_{k}"][fire], k
+        classes[rows], conf[rows], exits[rows] = out[pred_name][fire], out[conf_name][fire], k
         open_rows[rows] = False
         if policy == "per_sample" and fire.any():
             alive = alive[~fire]
@@ -82,11 +84,12 @@ def run_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
             backend.compact(state, np.flatnonzero(~fire))
         elif policy == "batch" and not open_rows.any():
             return ChainOutput(classes, conf, exits, timings)
-    _timed(backend, f"segment_{k_final}", state, timings)
-    out = backend.fetch(state, ["confidence", "prediction"])
+    _timed(backend, bundle.stages[-1].segment.key, state, timings)
+    conf_name, pred_name = bundle.final_decision
+    out = backend.fetch(state, [conf_name, pred_name])
     last = open_rows[alive]
     rows = alive[last]
-    classes[rows], conf[rows] = out["prediction"][last], out["confidence"][last]
+    classes[rows], conf[rows] = out[pred_name][last], out[conf_name][last]
     return ChainOutput(classes, conf, exits, timings)
 
 
@@ -95,22 +98,23 @@ def record_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray]
     state = backend.start(inputs)
     names = []
     for stage in bundle.stages:
-        backend.run(f"segment_{stage.index}", state)
+        backend.run(stage.segment.key, state)
         if stage.exit is not None:
-            backend.run(f"exit_{stage.index}", state)
-            names.append((f"confidence_{stage.index}", f"prediction_{stage.index}"))
-    names.append(("confidence", "prediction"))
+            backend.run(stage.exit.graph.key, state)
+            names.append(stage.exit.decision)
+    names.append(bundle.final_decision)
     out = backend.fetch(state, [n for pair in names for n in pair])
     return RecordOutput(np.stack([out[c] for c, _ in names], axis=1).astype(np.float32),
                         np.stack([out[p] for _, p in names], axis=1).astype(np.int64))
 
 
-def run_full(backend: Backend, inputs: dict[str, np.ndarray]) -> ChainOutput:
-    """The monolithic ``full`` graph: the baseline every early-exit figure is compared with."""
+def run_full(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray]) -> ChainOutput:
+    """The monolithic graph: the baseline every early-exit figure is compared with."""
     timings: dict[str, float] = {}
     state = backend.start(inputs)
-    _timed(backend, "full", state, timings)
-    out = backend.fetch(state, ["confidence", "prediction"])
-    n = len(out["prediction"])
-    return ChainOutput(out["prediction"].astype(np.int64), out["confidence"].astype(np.float32),
+    _timed(backend, bundle.full.key, state, timings)
+    conf_name, pred_name = bundle.full.output("final_confidence").name, bundle.full.output("final_prediction").name
+    out = backend.fetch(state, [conf_name, pred_name])
+    n = len(out[pred_name])
+    return ChainOutput(out[pred_name].astype(np.int64), out[conf_name].astype(np.float32),
                        np.full(n, -1, dtype=np.int64), timings)

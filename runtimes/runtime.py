@@ -4,7 +4,7 @@
     rt = Runtime.load("bundles/digits")              # backend="auto": TensorRT if built, else ONNX Runtime
     result = rt.infer(["frame.png"])                 # paths, PIL images, HWC uint8 arrays, or text
     result = rt.infer("digit.png", question="is it even?")   # vision-language bundles
-    result[0].label, result[0].confidence, result[0].exit
+    result[0].label, result[0].confidence, result[0].block   # the block whose exit (or the final head) answered
 
 Needs numpy and one backend package; never torch. Inputs larger than the bundle's max batch are
 split into several calls. ``rt.thresholds`` can be overridden (None disables an exit).
@@ -36,8 +36,13 @@ class Prediction:
     label: str
     class_index: int
     confidence: float
-    exit: int  # index into the bundle's exits; len(exits) means the final head
-    block: int  # 1-based block whose output decided (the model's depth for the final head)
+    exit_index: int  # position in the bundle's exits; len(exits) means the final head
+    block: int  # 1-based block whose output decided: how exits are named (the model's depth for the final head)
+
+    @property
+    def exit(self) -> int:
+        """The same as ``exit_index`` (the name before exits were named by block everywhere)."""
+        return self.exit_index
 
 
 @dataclass
@@ -73,7 +78,7 @@ class Runtime:
             log.warning("bundle %s was calibrated for %s, not for %s: its default thresholds may not hold here; "
                         "run freedeploy calibrate with this backend", bundle.name, ", ".join(bundle.calibration),
                         self.calibration_key)
-        self._thresholds = list(own["thresholds"]) if own else list(bundle.thresholds)
+        self._thresholds = list(own.thresholds) if own else list(bundle.thresholds)
         self._encode = make_encoder(bundle.preprocess, bundle.root)
         self._exit_blocks = np.array([e.block for e in bundle.exits] + [bundle.num_blocks], dtype=np.int64)
         # (name, dtype, shape after the batch axis) per input, resolved once: the per-call checks do no parsing
@@ -214,7 +219,7 @@ class Runtime:
 
     def infer_full(self, inputs: Any) -> Result:
         """The monolithic graph (no early exit): the baseline."""
-        return self._result([run_full(self.backend, c) for c in self._chunks(self.encode(inputs))])
+        return self._result([run_full(self.backend, self.bundle, c) for c in self._chunks(self.encode(inputs))])
 
     def record(self, inputs: Any) -> RecordOutput:
         """Every exit's and the final head's confidence and prediction for every row."""

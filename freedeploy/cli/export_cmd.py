@@ -4,13 +4,27 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from exporters.config import TARGETS, BuildDefaults, ExportConfig
+from freedeploy.cli.choices import CONFIDENCE_CHOICES, TRT_TARGETS
 from freedeploy.cli.output import emit_json, note, table
+from freedeploy.settings import AUTO, EXIT_HEADS
 
-TARGET_NAMES = ("onnx", "trt-fp32", "trt-fp16", "trt-int8")
+if TYPE_CHECKING:
+    from runtimes.records import ValidationReport
+
+
+def export_default(name: str) -> Any:
+    """``ExportConfig``'s default for field ``name``."""
+    return ExportConfig.__dataclass_fields__[name].default
+
+
+def build_default(name: str) -> Any:
+    """``BuildDefaults``' default for ``name``, which ``build_engines`` uses too."""
+    return BuildDefaults.__dataclass_fields__[name].default
 
 
 class TargetType(click.ParamType):
@@ -18,7 +32,7 @@ class TargetType(click.ParamType):
 
     name = "target"
 
-    def __init__(self, choices: tuple[str, ...] = TARGET_NAMES) -> None:
+    def __init__(self, choices: tuple[str, ...] = tuple(TARGETS)) -> None:
         self.choices = choices
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
@@ -31,22 +45,24 @@ class TargetType(click.ParamType):
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--target", type=TargetType(), default="onnx", show_default=True,
-              help="onnx | trt-fp32 | trt-fp16 | trt-int8 (precision goes into the ONNX; engines are built where "
+@click.option("--target", type=TargetType(), default=export_default("target"), show_default=True,
+              help=f"onnx | {' | '.join(TRT_TARGETS)} (precision goes into the ONNX; engines are built where "
                    "TensorRT and a GPU exist).")
 @click.option("--out", type=click.Path(file_okay=False), help="Bundle dir to write [default: bundles/<run name>].")
-@click.option("--max-batch", type=click.IntRange(1, 4096), default=64, show_default=True)
-@click.option("--opt-batch", type=click.IntRange(1, 4096), default=1, show_default=True,
+@click.option("--max-batch", type=click.IntRange(1, 4096), default=export_default("max_batch"), show_default=True)
+@click.option("--opt-batch", type=click.IntRange(1, 4096), default=export_default("opt_batch"), show_default=True,
               help="Batch size TensorRT tunes for (1: the camera case).")
-@click.option("--opset", type=click.IntRange(17, 22), default=20, show_default=True)
-@click.option("--calib-samples", type=click.IntRange(1), default=256, show_default=True,
+@click.option("--opset", type=click.IntRange(17, 22), default=export_default("opset"), show_default=True)
+@click.option("--calib-samples", type=click.IntRange(1), default=export_default("calib_samples"), show_default=True,
               help="Training samples that calibrate int8 activations.")
-@click.option("--confidence", type=click.Choice(["max_softmax", "margin", "entropy"]), default="max_softmax",
+@click.option("--confidence", type=click.Choice(CONFIDENCE_CHOICES), default=export_default("confidence"),
               show_default=True)
-@click.option("--exit-head", type=click.Choice(["auto", "cls-query", "full-block"]), default="auto", show_default=True,
+@click.option("--exit-head", type=click.Choice((AUTO, *EXIT_HEADS)), default=export_default("exit_head"),
+              show_default=True,
               help="auto: exit graphs evaluate their block for the pooled [CLS] token only where the model pools it "
                    "(same results, a fraction of the cost); full-block keeps the whole block.")
-@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=0.02, show_default=True,
+@click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=export_default("max_accuracy_drop"),
+              show_default=True,
               help="fp16 / int8: allowed test-accuracy loss against fp32 before the export fails.")
 @click.option("--no-validate", is_flag=True, help="Skip validation against torch (not recommended).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (only once the new one is complete).")
@@ -65,7 +81,7 @@ def export(run_dir: str, target: str, out: str | None, max_batch: int, opt_batch
     build = _maybe_build(out_path, target, as_json)
     if as_json:
         emit_json({"out": str(out_path), "target": target, "seconds": round(result.seconds, 1),
-                   "timings": result.timings, "validation": result.validation, "engines": build})
+                   "timings": result.timings, "validation": result.validation.to_dict(), "engines": build})
         return
     click.echo(_export_summary(result.validation))
     click.echo(f"\nwrote {out_path} in {result.seconds:.0f} s")
@@ -94,29 +110,30 @@ def _progress_line(message: str, fraction: float) -> None:
     note(f"  [{100 * fraction:5.1f}%] {message}")
 
 
-def _export_summary(v: dict[str, Any]) -> str:
-    if not v.get("validated"):
+def _export_summary(v: "ValidationReport") -> str:
+    if not v.validated:
         return "validation skipped (--no-validate)"
     worst: dict[str, float] = {}
-    for row in v["files"]:
-        worst[row["file"]] = max(worst.get(row["file"], 0.0), row["max_abs_diff"])
+    for row in v.files:
+        worst[row.file] = max(worst.get(row.file, 0.0), row.max_abs_diff)
     lines = [table(["file", "max abs diff vs torch (batch 1 and 5)"], [[f, f"{d:.2e}"] for f, d in worst.items()])]
-    p = v["chain_parity"]
-    lines.append(f"chained ONNX Runtime vs torch on {p['n']} test samples: "
-                 f"{'identical predictions' if p['equal'] else 'MISMATCH'} (per head: {p['mismatches_per_head']})")
-    if "precision" in v:
-        r = v["precision"]
-        lines.append(f"{r['precision']} vs fp32: exit-decision agreement at threshold {r['reference_threshold']}: "
-                     + ", ".join(f"{100 * a:.2f}%" for a in r["exit_decision_agreement"])
-                     + f"; test accuracy {100 * r['final_accuracy']:.2f}% ({100 * r['accuracy_change']:+.2f} points)")
+    p = v.chain_parity
+    lines.append(f"chained ONNX Runtime vs torch on {p.n} test samples: "
+                 f"{'identical predictions' if p.equal else 'MISMATCH'} (per head: {list(p.mismatches_per_head)})")
+    if v.precision is not None:
+        r = v.precision
+        lines.append(f"{r.precision} vs fp32: exit-decision agreement at threshold {r.reference_threshold}: "
+                     + ", ".join(f"{100 * a:.2f}%" for a in r.exit_decision_agreement)
+                     + f"; test accuracy {100 * r.final_accuracy:.2f}% ({100 * r.accuracy_change:+.2f} points)")
     return "\n".join(lines)
 
 
 @click.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
-@click.option("--target", type=TargetType(TARGET_NAMES[1:]), default="trt-fp16", show_default=True)
-@click.option("--workspace-gb", type=click.FloatRange(0.1), default=2.0, show_default=True)
-@click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True,
+@click.option("--target", type=TargetType(TRT_TARGETS), default="trt-fp16", show_default=True)
+@click.option("--workspace-gb", type=click.FloatRange(0.1), default=build_default("workspace_gb"), show_default=True)
+@click.option("--opt-level", type=click.IntRange(0, 5), default=build_default("optimization_level"),
+              show_default=True,
               help="TensorRT builder optimization level (lower builds faster, e.g. on Jetson).")
 @click.option("--overwrite", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from freedeploy.cli.output import emit_json, table
 
 def describe(bundle_dir: Path) -> dict[str, Any]:
     from runtimes.bundle import load_bundle
+    from runtimes.records import VALIDATION_FILE, ValidationReport, read_json_record
 
     b = load_bundle(bundle_dir)
     stages = []
@@ -25,18 +25,20 @@ def describe(bundle_dir: Path) -> dict[str, Any]:
                        threshold=s.exit.threshold)
         stages.append(row)
     validation = None
-    if (bundle_dir / "validation.json").is_file():
-        v = json.loads((bundle_dir / "validation.json").read_text())
+    if (bundle_dir / VALIDATION_FILE).is_file():
+        v = read_json_record(ValidationReport, bundle_dir / VALIDATION_FILE).to_dict()
         per_file: dict[str, float] = {}
         for f in v.get("files", []):
             per_file[f["file"]] = max(per_file.get(f["file"], 0.0), float(f["max_abs_diff"]))
         validation = {"validated": v.get("validated"), "max_abs_diff": v.get("max_abs_diff"),
                       "tolerance": v.get("tolerance"), "per_file": per_file,
                       "chain_parity": (v.get("chain_parity") or {}).get("equal"), "precision": v.get("precision")}
-    return {"name": b.name, "schema_version": b.schema_version, "labels": list(b.labels),
+    return {"name": b.name, "schema_version": b.schema_version, "file_schema_version": b.loaded_version,
+            "labels": list(b.labels),
             "preprocess": b.preprocess.to_dict(), "inputs": [(t.name, t.dtype, list(t.shape)) for t in b.inputs],
             "batch": vars(b.batch), "num_blocks": b.num_blocks, "precisions": list(b.precisions),
-            "stages": stages, "files": len(b.files), "calibration": b.calibration, "validation": validation,
+            "stages": stages, "files": len(b.files),
+            "calibration": {k: c.to_dict() for k, c in (b.calibration or {}).items()} or None, "validation": validation,
             "engines": _engines(bundle_dir)}
 
 
@@ -60,7 +62,10 @@ def inspect(bundle_dir: str, as_json: bool) -> None:
     if as_json:
         emit_json(info)
         return
-    click.echo(f"bundle {info['name']} (schema {info['schema_version']}): {info['num_blocks']} blocks, "
+    migrated = info["file_schema_version"] != info["schema_version"]
+    schema = f"schema {info['file_schema_version']}, read as {info['schema_version']}" if migrated else \
+        f"schema {info['schema_version']}"
+    click.echo(f"bundle {info['name']} ({schema}): {info['num_blocks']} blocks, "
                f"{len(info['labels'])} classes, precisions {', '.join(info['precisions'])}, "
                f"batch {info['batch']['min']}..{info['batch']['max']} (opt {info['batch']['opt']})")
     click.echo("inputs: " + ", ".join(f"{n} {d} {s}" for n, d, s in info["inputs"]))
@@ -78,7 +83,9 @@ def inspect(bundle_dir: str, as_json: bool) -> None:
     p = (v or {}).get("precision")
     if p:
         pct = lambda xs: " / ".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
-        click.echo(f"{p['precision']} vs fp32 (test split): exit decisions agree {pct(p['exit_decision_agreement'])} % "
+        blocks = " / ".join(str(s["exit_block"]) for s in info["stages"] if "exit_block" in s)
+        click.echo(f"{p['precision']} vs fp32 (test split, exits at blocks {blocks}, then the final head): "
+                   f"exit decisions agree {pct(p['exit_decision_agreement'])} % "
                    f"at threshold {p['reference_threshold']:g}, predictions {pct(p['prediction_agreement'])} %, "
                    f"accuracy change {100 * p['accuracy_change']:+.2f} points")
     cal = info["calibration"]

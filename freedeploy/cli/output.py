@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import click
 
-__all__ = ["emit_json", "table", "note"]
+__all__ = ["emit_json", "table", "note", "exit_name"]
 
 
 def emit_json(obj: Any) -> None:
@@ -17,6 +17,11 @@ def emit_json(obj: Any) -> None:
 def note(message: str) -> None:
     """A progress or status line for people, on stderr."""
     click.echo(message, err=True)
+
+
+def exit_name(key: str) -> str:
+    """How a key of an ``exit_histogram`` or ``exit_share`` object reads: 'block 2' or 'final head'."""
+    return "final head" if key == "final" else f"block {key}"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

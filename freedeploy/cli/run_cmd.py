@@ -9,6 +9,7 @@ from typing import Any, Iterator
 
 import click
 
+from freedeploy.cli.choices import BACKEND_CHOICES, PRECISION_CHOICES
 from freedeploy.cli.output import emit_json
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -79,9 +80,9 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
 @click.command()
 @click.argument("bundle_dir", type=click.Path(file_okay=False))
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--backend", type=click.Choice(["auto", "onnxruntime", "tensorrt"]), default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda for TensorRT, else cpu]")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), help="[default: fp16 on TensorRT, else fp32]")
+@click.option("--precision", type=click.Choice(PRECISION_CHOICES), help="[default: fp16 on TensorRT, else fp32]")
 @click.option("--thresholds", callback=parse_thresholds, help="Override the bundle's thresholds, e.g. 0.9,0.9,off.")
 @click.option("--policy", type=click.Choice(["per_sample", "batch"]), default="per_sample", show_default=True)
 @click.option("--max-frames", type=click.IntRange(1), help="Stop a video or camera after this many frames.")
@@ -93,8 +94,10 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
     """Run a bundle on images (files, folders), a video file, a camera index, or texts ('-': stdin lines).
     A vision-language bundle answers --question about each image.
 
-    Prints one line per input; unreadable inputs get an error line, the rest still run, and the
-    command exits with code 10 at the end.
+    Prints one line per input, naming the block whose output decided ('exit at block 2 of 8',
+    'final head (block 8)'); --json rows carry it as "block", beside "exit_index" (the exit's
+    position in the bundle; the number of exits means the final head). Unreadable inputs get an
+    error line, the rest still run, and the command exits with code 10 at the end.
     """
     from runtimes import Runtime
     from runtimes.errors import ConfigError, FreedeployError, InputError
@@ -123,11 +126,12 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
                 click.echo(f"{name}: error: {exc}", err=True)
             continue
         rec = {"input": name, **({"question": question} if asks else {}), "label": p.label, "class": p.class_index,
-               "confidence": round(p.confidence, 6), "exit": p.exit, "block": p.block}
+               "confidence": round(p.confidence, 6), "block": p.block, "exit_index": p.exit_index}
         records.append(rec)
         if not as_json:
-            where = "final head" if p.exit == len(rt.bundle.exits) else f"exit {p.exit}"
-            click.echo(f"{name}: {p.label}  (confidence {p.confidence:.3f}, {where}, block {p.block}/{rt.bundle.num_blocks})")
+            where = (f"final head (block {p.block})" if p.exit_index == len(rt.bundle.exits)
+                     else f"exit at block {p.block} of {rt.bundle.num_blocks}")
+            click.echo(f"{name}: {p.label}  (confidence {p.confidence:.3f}, {where})")
     if as_json:
         emit_json(records)
     if failed:

@@ -8,6 +8,8 @@ from typing import Any
 import click
 
 from freedeploy.cli.output import emit_json, note, table
+from freedeploy.settings import (AUGMENTS, AUTO, DEVICES, EXIT_HEADS, EXIT_INITS, OBJECTIVES, PRETRAINED_FINETUNE,
+                                 SCRATCH_FINETUNE, TRAIN_PRECISIONS, TrainConfig)
 
 EXITS_RE = re.compile(r"^\s*\d+(\s*,\s*\d+)*\s*$")
 
@@ -30,6 +32,11 @@ def parse_overrides(ctx: click.Context, param: click.Parameter, values: tuple[st
     return tuple(out)
 
 
+def _default(name: str) -> Any:
+    """An option's default: TrainConfig's field, the one place it is written."""
+    return TrainConfig.__dataclass_fields__[name].default
+
+
 def _literal(raw: str) -> Any:
     for cast in (int, float):
         try:
@@ -40,42 +47,48 @@ def _literal(raw: str) -> Any:
 
 
 @click.command()
-@click.option("--model", default="vit-tiny", show_default=True,
+@click.option("--model", default=_default("model"), show_default=True,
               help="Preset (vit-tiny, deit-tiny, clip-tiny, bert-tiny, vilt-tiny), local Hugging Face directory or "
                    "hub id, or an earlier run dir (its backbone and final head are reused).")
-@click.option("--data", default="digits", show_default=True,
+@click.option("--data", default=_default("data"), show_default=True,
               help="digits | tweets | vqa-digits | imagefolder:PATH | text:PATH[?text=COL&label=COL&encoding=ENC] "
                    "| vqa:PATH (JSONL of image, question, answer)")
 @click.option("--exits", callback=parse_exits, help="1-based blocks whose output feeds an exit, e.g. 2,4,6 "
               "[default: quarter points of the depth]")
 @click.option("--out", "out", type=click.Path(), help="Run dir to write [default: runs/<data>-<model>].")
-@click.option("--objective", type=click.Choice(["free", "ce+kd", "ce"]), default="free", show_default=True,
+@click.option("--objective", type=click.Choice(OBJECTIVES), default=_default("objective"), show_default=True,
               help="Exit loss: FREE (CE + distillation + adversarial), or an ablation.")
-@click.option("--labelled-fraction", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True,
+@click.option("--labelled-fraction", type=click.FloatRange(0, 1, min_open=True), default=_default("labelled_fraction"),
+              show_default=True,
               help="Share of the training split whose labels are used; the rest trains exits without labels.")
 @click.option("--finetune-epochs", type=click.IntRange(min=0),
-              help="Stage 1 epochs [default: 0 if the classifier is trained, 3 for pretrained weights, "
-                   "60 from scratch or the preset's recipe].")
-@click.option("--exit-epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Stage 2 epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", "finetune_lr", type=float, help="Stage 1 learning rate [default: 5e-5 pretrained, 5e-4 scratch, or the preset's recipe].")
-@click.option("--exit-lr", type=float, default=5e-4, show_default=True, help="Stage 2 learning rate.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True)
-@click.option("--kd-weight", type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option("--adv-weight", type=click.FloatRange(min=0), default=0.1, show_default=True)
-@click.option("--adv-warmup", type=click.FloatRange(0, 0.5), default=0.2, show_default=True,
+              help=f"Stage 1 epochs [default: 0 if the classifier is trained, {PRETRAINED_FINETUNE[0]} for pretrained "
+                   f"weights, {SCRATCH_FINETUNE[0]} from scratch or the preset's recipe].")
+@click.option("--exit-epochs", type=click.IntRange(min=1), default=_default("exit_epochs"), show_default=True,
+              help="Stage 2 epochs.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=_default("batch_size"), show_default=True)
+@click.option("--lr", "finetune_lr", type=float,
+              help=f"Stage 1 learning rate [default: {PRETRAINED_FINETUNE[1]:g} pretrained, {SCRATCH_FINETUNE[1]:g} "
+                   "from scratch, or the preset's recipe].")
+@click.option("--exit-lr", type=float, default=_default("exit_lr"), show_default=True, help="Stage 2 learning rate.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=_default("temperature"),
+              show_default=True)
+@click.option("--kd-weight", type=click.FloatRange(min=0), default=_default("kd_weight"), show_default=True)
+@click.option("--adv-weight", type=click.FloatRange(min=0), default=_default("adv_weight"), show_default=True)
+@click.option("--adv-warmup", type=click.FloatRange(0, 0.5), default=_default("adv_warmup"), show_default=True,
               help="Share of stage 2 trained before the adversarial term ramps in.")
-@click.option("--exit-init", type=click.Choice(["copy", "random"]), default="copy", show_default=True)
-@click.option("--exit-head", type=click.Choice(["auto", "cls-query", "full-block"]), default="auto", show_default=True,
+@click.option("--exit-init", type=click.Choice(EXIT_INITS), default=_default("exit_init"), show_default=True)
+@click.option("--exit-head", type=click.Choice((AUTO, *EXIT_HEADS)), default=_default("exit_head"), show_default=True,
               help="auto: evaluate exit blocks for the pooled [CLS] token only where the model pools it "
                    "(the same function at a fraction of the work), the full block otherwise.")
-@click.option("--augment", type=click.Choice(["auto", "shift", "none"]), default="auto", show_default=True,
+@click.option("--augment", type=click.Choice((AUTO, *AUGMENTS)), default=_default("augment"), show_default=True,
               help="Training augmentation; auto: random shifts for images, none for text.")
 @click.option("--max-length", type=click.IntRange(min=2), help="Text: tokens per sequence [default: 99th percentile].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--split-seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]), default="auto", show_default=True,
+@click.option("--seed", type=int, default=_default("seed"), show_default=True)
+@click.option("--split-seed", type=int, default=_default("split_seed"), show_default=True)
+@click.option("--device", type=click.Choice((AUTO, *DEVICES)), default=_default("device"), show_default=True)
+@click.option("--precision", type=click.Choice((AUTO, *TRAIN_PRECISIONS)), default=_default("precision"),
+              show_default=True,
               help="Training compute: auto uses bf16 autocast on GPUs and on CPUs with AMX / AVX512-BF16.")
 @click.option("--preset-config", multiple=True, callback=parse_overrides, metavar="KEY=VALUE",
               help="Override a preset's config field (repeatable), e.g. hidden_size=64.")
@@ -85,7 +98,7 @@ def _literal(raw: str) -> Any:
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def train(as_json: bool, no_progress: bool, out: str | None, **options: Any) -> None:
     """Train FREE early exits on a transformer and write a run dir."""
-    from freedeploy.train import TrainConfig, train as run_train
+    from freedeploy.train import train as run_train
 
     if options["device"] == "cuda":
         import torch
@@ -106,8 +119,8 @@ def train(as_json: bool, no_progress: bool, out: str | None, **options: Any) -> 
 
 
 def summary(m: dict[str, Any], exits: list[int]) -> str:
-    rows = [[f"exit {e['exit']}", e["accuracy"], e["agreement"]] for e in m["exits"]]
-    rows.append(["final", m["final_accuracy"], 1.0])
+    rows = [[f"exit at block {e['block']}", e["accuracy"], e["agreement"]] for e in m["exits"]]
+    rows.append(["final head", m["final_accuracy"], 1.0])
     text = table(["head", "test accuracy", "agreement with final"], rows)
     return f"{text}\noverthinking rate: {m['overthinking_rate']:.4f}  (n = {m['n']} test samples)"
 

@@ -15,34 +15,33 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtimes.backends.base import Backend
-from runtimes.bundle import BatchSpec, Bundle, ExitSpec, GraphSpec, StageSpec, TensorSpec
+from runtimes.bundle import BatchSpec, Bundle, TensorSpec
+from runtimes.plan import classifier_bundle, classifier_layout
 from runtimes.preprocess import ImageSpec
 
 __all__ = ["FakeBackend", "fake_bundle"]
 
 
 def fake_bundle(num_exits: int = 3, max_batch: int = 64, thresholds: Sequence[float | None] | None = None) -> Bundle:
-    """An in-memory bundle (no files) whose model input is ``x`` (B, 1): the row id."""
-    thresholds = list(thresholds) if thresholds is not None else [None] * num_exits
+    """An in-memory bundle (no files) whose model input is ``x`` (B, 1, 1, 1): the row id. Laid out
+    and assembled by the same builder as an exported bundle."""
+    classes = 10
+    layout = classifier_layout(("x",), tuple(range(1, num_exits + 1)), num_blocks=num_exits + 1)
+    shapes = {"model_input": ("batch", 1, 1, 1), "hidden": ("batch", 1)}
+    io = {g.key: tuple(tuple(_tensor(n, role, classes, shapes) for n, role in side) for side in (g.inputs, g.outputs))
+          for g in layout}
+    return classifier_bundle(layout, io, name="fake", labels=tuple(f"class{i}" for i in range(classes)),
+                             preprocess=ImageSpec(size=(1, 1), mean=(0.0,), std=(1.0,), channels=1, input_name="x"),
+                             num_blocks=num_exits + 1, batch=BatchSpec(1, 1, max_batch), thresholds=thresholds)
 
-    def graph(key: str, inputs: list[str], outputs: list[str]) -> GraphSpec:
-        return GraphSpec({"fp32": f"onnx/{key}.onnx"}, tuple(TensorSpec(n, "float32", ("batch", 1)) for n in inputs),
-                         tuple(TensorSpec(n, "float32", ("batch", 1)) for n in outputs))
 
-    stages, src = [], "x"
-    for k in range(num_exits + 1):
-        if k == num_exits:
-            stages.append(StageSpec(k, (k, k + 1), graph(f"segment_{k}", [src], ["logits", "confidence", "prediction"]), None))
-            break
-        out = f"hidden_{k + 1}"
-        exit_graph = graph(f"exit_{k}", [out], [f"logits_{k}", f"confidence_{k}", f"prediction_{k}"])
-        stages.append(StageSpec(k, (k, k + 1), graph(f"segment_{k}", [src], [out]),
-                                ExitSpec(k + 1, exit_graph, "max_softmax", thresholds[k])))
-        src = out
-    return Bundle(name="fake", labels=tuple(f"class{i}" for i in range(10)), preprocess=ImageSpec(size=(1, 1)),
-                  inputs=(TensorSpec("x", "float32", ("batch", 1)),), batch=BatchSpec(1, 1, max_batch),
-                  stages=tuple(stages), full=graph("full", ["x"], ["logits", "confidence", "prediction"]),
-                  num_blocks=num_exits + 1, files={})
+def _tensor(name: str, role: str, classes: int, shapes: dict[str, tuple]) -> TensorSpec:
+    kind = role.partition("_")[2]
+    if kind == "logits":
+        return TensorSpec(name, "float32", ("batch", classes))
+    if kind in ("confidence", "prediction"):
+        return TensorSpec(name, "float32" if kind == "confidence" else "int64", ("batch",))
+    return TensorSpec(name, "float32", shapes[role])
 
 
 class FakeBackend(Backend):
@@ -55,6 +54,8 @@ class FakeBackend(Backend):
         self.confidences = np.zeros((0, k), np.float32) if confidences is None else np.asarray(confidences, np.float32)
         self.predictions = np.zeros((0, k), np.int64) if predictions is None else np.asarray(predictions, np.int64)
         self.calls: list[tuple[str, int]] = []  # (graph key, rows it ran on)
+        # which column of the script answers each head: exit k's, or the final head's (-1)
+        self._column = {s.exit.graph.key: s.index for s in bundle.stages if s.exit is not None}
         self.fetched: list[str] = []
 
     def start(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -62,14 +63,13 @@ class FakeBackend(Backend):
 
     def run(self, graph: str, state: dict[str, np.ndarray]) -> None:
         spec = self.bundle.graph(graph)
-        ids = state[spec.inputs[0].name][:, 0].astype(np.int64)
+        ids = state[spec.inputs[0].name].reshape(len(state[spec.inputs[0].name]), -1)[:, 0].astype(np.int64)
         self.calls.append((graph, len(ids)))
-        kind, _, index = graph.partition("_")
         names = [t.name for t in spec.outputs]
-        if kind == "segment" and len(names) == 1:
-            state[names[0]] = state[spec.inputs[0].name]
+        if spec.outputs[0].role == "hidden":
+            state[names[0]] = state[spec.inputs[0].name].reshape(len(ids), 1)
             return
-        col = int(index) if kind == "exit" else -1
+        col = self._column.get(graph, -1)
         conf, pred = self.confidences[ids, col], self.predictions[ids, col]
         state.update(zip(names, (np.eye(10, dtype=np.float32)[pred], conf, pred)))
 

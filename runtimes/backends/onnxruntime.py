@@ -117,8 +117,7 @@ class OrtBackend(Backend):
                     for key in self.sessions}
 
     def _threads_for(self, key: str) -> int:
-        one_token = {f"exit_{s.index}" for s in self.bundle.stages
-                     if s.exit is not None and s.exit.head == "cls-query"}
+        one_token = {e.graph.key for e in self.bundle.exits if e.head == "cls-query"}
         return self.head_threads if key in one_token else self.threads
 
     def _session(self, key: str, config: dict[str, str], optimization: str) -> Any:

@@ -129,12 +129,13 @@ class TensorRTBackend(Backend):
         self.build = read_build(self.engine_dir)
         self.max_batch = self.bundle.batch.max
         self._tensors = _layouts(self.bundle)
-        read = {t.name for key in self.bundle.graph_keys() for t in self.bundle.graph(key).inputs}
-        self._results = sorted(set(self._tensors) - read)  # logits, confidences, predictions: what fetch reads
+        # the decisions (logits, confidences, predictions): what fetch reads, so they get pinned landing buffers
+        self._results = sorted({t.name for g in self.bundle.graphs for t in g.outputs
+                                if t.role.startswith(("exit_", "final_"))})
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        for key in self.bundle.graph_keys():
-            self._load(key)
+        for graph in self.bundle.graphs:
+            self._load(graph.key)
         self._stream = self._cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._stream_handle = int(self._stream)  # execute_async_v3 takes the raw handle
         self._event = self._cuda(cudart.cudaEventCreate(), "cudaEventCreate")
@@ -151,33 +152,33 @@ class TensorRTBackend(Backend):
         if not path.is_absolute() and self.bundle.root is not None:
             path = self.bundle.root / path
         build, want = read_build(path), target_key(self.info, self.precision)
-        if build["precision"] != self.precision:
-            raise ConfigError(f"engine set {path} holds {build['precision']} engines, but precision {self.precision} "
+        if build.precision != self.precision:
+            raise ConfigError(f"engine set {path} holds {build.precision} engines, but precision {self.precision} "
                               "was asked for")
-        if build["key"] != want:
-            raise BackendUnavailableError(f"engine set {path} was built for {build['key']}, this device needs {want}: "
+        if build.key != want:
+            raise BackendUnavailableError(f"engine set {path} was built for {build.key}, this device needs {want}: "
                                           f"run {self._rebuild} here")
         return path
 
     def _load(self, key: str) -> None:
-        entry = self.build["graphs"].get(key)
-        if not isinstance(entry, dict) or not isinstance(entry.get("plan"), str) or Path(entry["plan"]).name != entry["plan"]:
+        entry = self.build.graphs.get(key)
+        if entry is None:
             raise BundleError(f"{self.engine_dir / BUILD_FILE} lists no plan file for {key}; rebuild with {self._rebuild}")
-        path = self.engine_dir / entry["plan"]
+        path = self.engine_dir / entry.plan
         if not path.is_file():
             raise BundleError(f"engine plan {path} is missing; rebuild with {self._rebuild}")
         data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != entry.get("plan_sha256"):
+        if hashlib.sha256(data).hexdigest() != entry.plan_sha256:
             raise BundleError(f"{path}: checksum mismatch with {BUILD_FILE}: the plan was changed or corrupted; "
                               f"rebuild with {self._rebuild} --overwrite")
         onnx = self.bundle.graph(key).files[self.precision]
-        if entry.get("onnx_sha256") != self.bundle.files.get(onnx):
+        if entry.onnx_sha256 != self.bundle.files.get(onnx):
             raise BundleError(f"{path.name} was built from another {onnx} than the bundle holds now; "
                               f"rebuild with {self._rebuild} --overwrite")
         engine = self._runtime.deserialize_cuda_engine(data)
         if engine is None:
             raise BundleError(f"TensorRT {self._trt.__version__} cannot load {path} (built with TensorRT "
-                              f"{self.build['tensorrt_version']}); see the TensorRT log and rebuild with {self._rebuild}")
+                              f"{self.build.tensorrt_version}); see the TensorRT log and rebuild with {self._rebuild}")
         self._check_engine(key, engine)
         context = engine.create_execution_context()
         if context is None:
@@ -414,7 +415,7 @@ class TensorRTBackend(Backend):
             log.warning("%s", exc)
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "engine_key": self.build["key"], "engine_dir": str(self.engine_dir),
+        return {**super().describe(), "engine_key": self.build.key, "engine_dir": str(self.engine_dir),
                 "cuda_graphs": self.cuda_graphs, "tensorrt": str(self._trt.__version__), "gpu": self.info.gpu_name,
                 "max_batch": self.max_batch}
 
@@ -431,8 +432,8 @@ def _device_index(device: str) -> int:
 def _layouts(bundle: Bundle) -> dict[str, _Tensor]:
     """One layout per tensor name over every graph; a name means one buffer, so its spec must agree."""
     out: dict[str, _Tensor] = {}
-    for key in bundle.graph_keys():
-        g = bundle.graph(key)
+    for g in bundle.graphs:
+        key = g.key
         for t in (*g.inputs, *g.outputs):
             batched = bool(t.shape) and t.shape[0] == "batch"
             rest = t.shape[1:] if batched else t.shape

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from runtimes.bundle import PRECISIONS, Bundle
+from runtimes.records import BUILD_SCHEMA, EngineSet, read_json_record
 from runtimes.errors import BackendUnavailableError, BundleError, ConfigError
 
 __all__ = ["DeviceInfo", "detect_device", "target_key", "read_build", "find_engine_dir", "import_tensorrt",
@@ -23,7 +24,6 @@ __all__ = ["DeviceInfo", "detect_device", "target_key", "read_build", "find_engi
 log = logging.getLogger(__name__)
 
 BUILD_FILE = "build.json"
-BUILD_SCHEMA = 1
 ENGINES_DIR = "engines"
 _TEGRA_RELEASE = Path("/etc/nv_tegra_release")  # present only on Jetson (L4T)
 _DEVICE_TREE_MODEL = Path("/proc/device-tree/model")  # the board name on Jetson
@@ -138,26 +138,12 @@ def target_key(info: DeviceInfo, precision: str) -> str:
 
 # -- engine sets ---------------------------------------------------------------------------------------------------
 
-def read_build(engine_dir: str | os.PathLike) -> dict[str, Any]:
-    """An engine set's ``build.json``, checked for the fields the runtime relies on."""
+def read_build(engine_dir: str | os.PathLike) -> EngineSet:
+    """An engine set's ``build.json``, as a typed record (every field checked)."""
     path = Path(engine_dir) / BUILD_FILE
     if not path.is_file():
         raise BundleError(f"{Path(engine_dir)} is not an engine set: {BUILD_FILE} is missing")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not readable JSON: {exc}") from None
-    schema = data.get("schema") if isinstance(data, dict) else None
-    if not isinstance(schema, int) or isinstance(schema, bool) or schema < 1:
-        raise BundleError(f"{path}: 'schema' must be a positive integer")
-    if schema > BUILD_SCHEMA:
-        raise BundleError(f"{path} has schema {schema}; this freedeploy reads up to {BUILD_SCHEMA}: upgrade freedeploy")
-    for name, kind in (("key", str), ("precision", str), ("tensorrt_version", str), ("graphs", dict)):
-        if not isinstance(data.get(name), kind):
-            raise BundleError(f"{path}: field '{name}' is missing or not a {kind.__name__}")
-    if data["precision"] not in PRECISIONS:
-        raise BundleError(f"{path}: precision {data['precision']!r} is not one of {PRECISIONS}")
-    return data
+    return read_json_record(EngineSet, path)
 
 
 def find_engine_dir(bundle: Bundle, precision: str, info: DeviceInfo) -> Path:
@@ -167,7 +153,7 @@ def find_engine_dir(bundle: Bundle, precision: str, info: DeviceInfo) -> Path:
     want, found = target_key(info, precision), []
     for build_file in sorted((bundle.root / ENGINES_DIR).glob(f"*/{BUILD_FILE}")):
         try:
-            key = read_build(build_file.parent)["key"]
+            key = read_build(build_file.parent).key
         except BundleError as exc:
             log.warning("ignoring engine set %s: %s", build_file.parent, exc)
             continue

@@ -16,7 +16,7 @@ def test_offline_decisions_are_the_runtime_decisions() -> None:
     conf, pred = rng.random((200, 4)).astype(np.float32), rng.integers(0, 10, (200, 4))
     backend = FakeBackend(fake_bundle(3), confidences=conf, predictions=pred)
     for thresholds in ([0.3, 0.6, 0.9], [None, 0.5, None], [0.95, 0.95, 0.95], [float(GRID[40])] * 3):
-        out = run_chain(backend, backend.bundle, {"x": np.arange(200, dtype=np.float32)[:, None]}, thresholds)
+        out = run_chain(backend, backend.bundle, {"x": np.arange(200, dtype=np.float32).reshape(200, 1, 1, 1)}, thresholds)
         assert np.array_equal(out.exits, exit_decisions(conf, thresholds))
 
 

@@ -60,8 +60,8 @@ def test_fp16_keeps_io_and_confidence_in_fp32(vision_run: Path, tmp_path: Path) 
     assert types == {"hidden_1": 1, "logits_0": 1, "confidence_0": 1, "prediction_0": 7}
     ops16 = {n.op_type for n in model.graph.node}
     assert "Cast" in ops16  # mixed precision, with fp32 islands
-    r = res.validation["precision"]
-    assert min(r["exit_decision_agreement"]) >= 0.99 and abs(r["accuracy_change"]) <= 0.02
+    r = res.validation.precision
+    assert min(r.exit_decision_agreement) >= 0.99 and abs(r.accuracy_change) <= 0.02
 
 
 def test_int8_is_explicit_qdq(vision_run: Path, tmp_path: Path) -> None:
@@ -71,9 +71,9 @@ def test_int8_is_explicit_qdq(vision_run: Path, tmp_path: Path) -> None:
     model = onnx.load(str(b.path(b.stages[0].segment.files["int8"])))
     ops = [n.op_type for n in model.graph.node]
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
-    r = res.validation["precision"]
-    assert r["precision"] == "int8" and len(r["exit_decision_agreement"]) == 2
-    assert 0.0 <= r["final_accuracy"] <= 1.0
+    r = res.validation.precision
+    assert r.precision == "int8" and len(r.exit_decision_agreement) == 2
+    assert 0.0 <= r.final_accuracy <= 1.0
 
 
 def test_text_bundle_feeds_the_mask_to_every_graph(micro_text_bundle) -> None:
@@ -82,7 +82,7 @@ def test_text_bundle_feeds_the_mask_to_every_graph(micro_text_bundle) -> None:
     for key in b.graph_keys():
         assert "attention_mask" in [t.name for t in b.graph(key).inputs]
     assert (res.out / "tokenizer.json").is_file() and "tokenizer.json" in b.files
-    assert res.validation["chain_parity"]["equal"] and res.validation["max_abs_diff"] <= 1e-4
+    assert res.validation.chain_parity.equal and res.validation.max_abs_diff <= 1e-4
     assert b.exits[0].head == "cls-query"
 
 

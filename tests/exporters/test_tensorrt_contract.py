@@ -67,7 +67,7 @@ def test_build_writes_raw_plans_timing_cache_and_build_json(gpu: FakeGpu, bundle
         assert g["profile"] == want
     assert build["timing_cache"] == {"file": "timing.cache", "sha256": _sha(res.directory / "timing.cache")}
     assert build["build_seconds"] >= 0 and re.match(r"\d{4}-\d\d-\d\dT", build["created"])
-    assert ex.read_build(res.directory) == build
+    assert ex.read_build(res.directory).to_dict() == build
 
 
 def test_build_uses_only_current_api(gpu: FakeGpu, bundle_dir: Path) -> None:

@@ -11,9 +11,11 @@ lands, in order, in ``FakeGpu.calls``.
 
 Conventions that let a chain run end to end on a CPU:
 
-- a fake "ONNX" file is JSON, ``{"graph": key, "inputs": [...], "outputs": [...]}``, with
-  TensorSpec-like entries ("batch" marks the dynamic axis). ``"errors": [...]`` makes the parser
-  fail with those errors; ``"fail_build": true`` makes ``build_serialized_network`` return None;
+- the parser reads real ONNX files (``onnx.load``; anything else fails to parse): the network's
+  inputs and outputs are the graph's ("batch" marks the dynamic first axis), and the model's
+  ``fake_trt`` metadata entry (JSON, written by ``tests.fakes.onnx_stub.write_stub_onnx``) names the
+  graph and scripts the fakes: ``"errors": [...]`` makes the parser fail with those errors;
+  ``"fail_build": true`` makes ``build_serialized_network`` return None;
 - the fake builder's plan is JSON describing the engine's tensors and its profile;
 - the fake engine "computes" row i of every output as the first element of row i of its first
   input, cast to the output dtype, so rows can be traced through chaining and compaction;
@@ -29,13 +31,18 @@ import ctypes
 import json
 import sys
 import types
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
 
-from runtimes.bundle import BatchSpec, Bundle, ExitSpec, GraphSpec, StageSpec, TensorSpec, save_bundle, sha256_file
+from runtimes.bundle import BatchSpec, TensorSpec, save_bundle, sha256_file
+from runtimes.plan import classifier_bundle, classifier_layout
 from runtimes.preprocess import ImageSpec
+from tests.fakes.onnx_stub import write_stub_onnx
 
 __all__ = ["FakeGpu", "make_fake_tensorrt", "make_fake_cudart", "installed_fakes", "blocked_modules",
            "make_fake_bundle", "MODULE_NAMES"]
@@ -167,6 +174,32 @@ def _dims(shape: list[Any]) -> tuple[int, ...]:
     return tuple(-1 if d == "batch" else int(d) for d in shape)
 
 
+# what the fake parser counts as "not a loadable ONNX file": unreadable, not a ModelProto, not a valid model
+_NotOnnx = (OSError, ValueError, DecodeError, onnx.checker.ValidationError)
+
+
+def _read_onnx(model: str) -> dict[str, Any]:
+    """A real ONNX file as the fake parser sees it: ``{"graph": key, "inputs": [...], "outputs": [...]}``
+    (TensorSpec-like entries, "batch" for a dynamic first axis) plus the scripted fields of its
+    ``fake_trt`` metadata entry (``errors``, ``fail_build``)."""
+    proto = onnx.load(str(model))
+    onnx.checker.check_model(proto)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    script = json.loads(meta["fake_trt"]) if "fake_trt" in meta else {"graph": proto.graph.name}
+    if not isinstance(script, dict) or {"inputs", "outputs"} & set(script):
+        raise AssertionError(f"{model}: the fake_trt metadata scripts behaviour (graph, errors, fail_build); "
+                             "inputs and outputs come from the ONNX graph itself")
+    return {**script, "inputs": [_value_json(v) for v in proto.graph.input],
+            "outputs": [_value_json(v) for v in proto.graph.output]}
+
+
+def _value_json(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    tensor = value.type.tensor_type
+    shape = [("batch" if i == 0 else d.dim_param) if d.HasField("dim_param") else d.dim_value
+             for i, d in enumerate(tensor.shape.dim)]
+    return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
+
+
 def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.ModuleType:
     """A ``tensorrt`` module with the 10.x or 11.x Python API surface our code may need."""
     gpu = gpu or FakeGpu()
@@ -263,8 +296,8 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
         def parse_from_file(self, model: str) -> bool:
             gpu.record("OnnxParser.parse_from_file", path=model)
             try:
-                spec = json.loads(Path(model).read_text())
-            except (OSError, ValueError) as exc:
+                spec = _read_onnx(model)
+            except _NotOnnx as exc:
                 self._errors = [_ParserError(f"ModelImporter: failed to parse ONNX model from file {model}: {exc}")]
                 return False
             if spec.get("errors"):
@@ -785,51 +818,33 @@ def blocked_modules(*names: str) -> Iterator[None]:
         yield
 
 
-# -- a tiny bundle whose "ONNX" files are the fake parser's JSON ------------------------------------------------
+# -- a tiny bundle of real stub ONNX graphs that script the fake parser and builder -------------------------
 
-def _t(name: str, dtype: str, *shape: Any) -> TensorSpec:
-    return TensorSpec(name, dtype, ("batch", *shape))
+_SHAPES = {"model_input": (3, 4, 4), "hidden": (5, 8), "logits": (3,), "confidence": (), "prediction": ()}
+
+
+def _tensor(name: str, role: str) -> TensorSpec:
+    kind = role if role in _SHAPES else role.rpartition("_")[2]  # exit_logits, final_prediction, ... -> logits, ...
+    return TensorSpec(name, "int64" if kind == "prediction" else "float32", ("batch", *_SHAPES[kind]))
 
 
 def make_fake_bundle(directory: Path, *, precisions: tuple[str, ...] = ("fp32", "fp16"),
                      batch: tuple[int, int, int] = (1, 2, 4), exits: tuple[int, ...] = (1, 3), num_blocks: int = 4,
                      extra: dict[str, dict[str, Any]] | None = None) -> Path:
-    """An image bundle (pixel_values (B,3,4,4), hidden (B,5,8), 3 classes); ``extra[key]`` adds JSON
-    fields to that graph's fake ONNX, e.g. ``{"errors": [...]}`` or ``{"fail_build": True}``."""
+    """An image bundle (pixel_values (B,3,4,4), hidden (B,5,8), 3 classes), laid out and assembled by
+    ``runtimes.plan``, every graph file a real stub ONNX graph. ``extra[key]`` scripts the fakes for
+    that graph (its ``fake_trt`` metadata), e.g. ``{"errors": [...]}`` or ``{"fail_build": True}``."""
     directory = Path(directory)
-    pixels = _t("pixel_values", "float32", 3, 4, 4)
-    heads = lambda suffix: (_t(f"logits{suffix}", "float32", 3), _t(f"confidence{suffix}", "float32"),  # noqa: E731
-                            _t(f"prediction{suffix}", "int64"))
-    hidden = [_t(f"hidden_{e}", "float32", 5, 8) for e in exits]
-    graphs: dict[str, tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]] = {}
-    for k in range(len(exits) + 1):
-        source = (pixels,) if k == 0 else (hidden[k - 1],)
-        graphs[f"segment_{k}"] = (source, (hidden[k],) if k < len(exits) else heads(""))
-        if k < len(exits):
-            graphs[f"exit_{k}"] = ((hidden[k],), heads(f"_{k}"))
-    graphs["full"] = ((pixels,), heads(""))
-    files, specs = {}, {}
-    for key, (ins, outs) in graphs.items():
-        paths = {}
-        for p in precisions:
-            rel = f"onnx/{key}.onnx" if p == "fp32" else f"onnx/{p}/{key}.onnx"
-            doc = {"graph": key, "inputs": [_spec_json(t) for t in ins], "outputs": [_spec_json(t) for t in outs],
-                   **(extra or {}).get(key, {})}
-            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
-            (directory / rel).write_text(json.dumps(doc))
+    layout = classifier_layout(("pixel_values",), exits, num_blocks)
+    io = {g.key: tuple(tuple(_tensor(n, role) for n, role in side) for side in (g.inputs, g.outputs)) for g in layout}
+    bundle = classifier_bundle(layout, io, name="fake", labels=("a", "b", "c"), preprocess=ImageSpec(size=(4, 4)),
+                               num_blocks=num_blocks, batch=BatchSpec(*batch), precisions=precisions,
+                               provenance={"made_by": "tests.fakes.make_fake_bundle"})
+    files = {}
+    for g in bundle.graphs:
+        for rel in g.files.values():
+            write_stub_onnx(directory / rel, g.inputs, g.outputs,
+                            metadata={"fake_trt": {"graph": g.key, **(extra or {}).get(g.key, {})}})
             files[rel] = sha256_file(directory / rel)
-            paths[p] = rel
-        specs[key] = GraphSpec(paths, ins, outs)
-    bounds = [0, *exits, num_blocks]
-    stages = tuple(StageSpec(k, (bounds[k], bounds[k + 1]), specs[f"segment_{k}"],
-                             ExitSpec(exits[k], specs[f"exit_{k}"], "max_softmax", None) if k < len(exits) else None)
-                   for k in range(len(exits) + 1))
-    bundle = Bundle(name="fake", labels=("a", "b", "c"), preprocess=ImageSpec(size=(4, 4)), inputs=(pixels,),
-                    batch=BatchSpec(*batch), stages=stages, full=specs["full"], num_blocks=num_blocks, files=files,
-                    provenance={"made_by": "tests.fakes.make_fake_bundle"})
-    save_bundle(bundle, directory)
+    save_bundle(replace(bundle, files=files), directory)
     return directory
-
-
-def _spec_json(t: TensorSpec) -> dict[str, Any]:
-    return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}

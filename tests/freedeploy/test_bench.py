@@ -7,7 +7,7 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from freedeploy.benchmark import cost_model
+from analysis.benchmark import cost_model
 from freedeploy.cli import cli
 
 
@@ -34,8 +34,8 @@ def test_bench_json_and_plots(micro_bundle, micro_run, tmp_path: Path) -> None:
 def test_cost_model_weighs_each_path_by_the_exit_histogram() -> None:
     # two exits: segments 2, 3, 5 ms, heads 1 ms each, monolithic 10 ms
     heads = {"segment_ms": [2.0, 3.0, 5.0], "head_ms": [1.0, 1.0], "full_ms": 10.0}
-    # paths: exit 0 = 2 + 1; exit 1 = 2 + 3 + 1 + 1; final = 10 + 2 heads
-    report = {"heads": heads, "exit_histogram": [0.5, 0.25, 0.25], "measured_speedup_mean": 1.5}
+    # paths: first exit (block 1) = 2 + 1; second exit (block 3) = 2 + 3 + 1 + 1; final = 10 + 2 heads
+    report = {"heads": heads, "exit_share": {"1": 0.5, "3": 0.25, "final": 0.25}, "measured_speedup_mean": 1.5}
     r = cost_model(report, [0.9, 0.9])
     expected = 10.0 / (0.5 * 3 + 0.25 * 7 + 0.25 * 12)
     assert abs(r["expected_speedup"] - expected) < 1e-12

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from analysis.data import load_dataset
 from freedeploy.cli import cli
-from freedeploy.data import load_dataset
 from runtimes import Runtime
 from runtimes.bundle import load_bundle
 from runtimes.errors import CalibrationError, InputError
@@ -33,8 +33,8 @@ def test_calibrate_writes_thresholds_and_certificate(bundle_dir: Path) -> None:
     b = load_bundle(bundle_dir)
     assert b.thresholds == tuple(cert["thresholds"]) and all(t is not None for t in b.thresholds)
     stored = b.calibration["onnxruntime-fp32"]
-    assert stored["delta"] == 0.3 and stored["epsilon"] == 0.1 and stored["n"] == 80
-    assert stored["mode"] == "label-free" and stored["pvalue"] <= 0.1 and stored["expected_speedup"] > 0
+    assert stored.delta == 0.3 and stored.epsilon == 0.1 and stored.n == 80
+    assert stored.mode == "label-free" and stored.pvalue <= 0.1 and stored.expected_speedup > 0
     assert Runtime.load(bundle_dir).thresholds == list(cert["thresholds"])
     ev = _cli(["eval", str(bundle_dir), "--json"])
     assert ev.exit_code == 0, ev.stderr
@@ -74,6 +74,6 @@ def test_inspect_and_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert res.exit_code == InputError.exit_code
     rows = json.loads(res.stdout)
     assert [("error" in r) for r in rows] == [False, True, False]
-    assert rows[0]["exit"] == 0 and rows[0]["label"] in {str(i) for i in range(10)}
+    assert rows[0]["exit_index"] == 0 and rows[0]["label"] in {str(i) for i in range(10)}
     folder = _cli(["run", str(bundle_dir), str(tmp_path), "--thresholds", "off,off"])
     assert folder.stdout.count("final head") == 3 and "broken.png: error" in folder.stderr

@@ -26,7 +26,7 @@ def test_train_json(tmp_path: Path) -> None:
     assert code == 0, err
     data = json.loads(out)
     assert data["out"] == str(tmp_path / "r") and data["config"]["exits"] == [1, 3]
-    assert [e["exit"] for e in data["metrics"]["test"]["exits"]] == [1, 3]
+    assert [e["block"] for e in data["metrics"]["test"]["exits"]] == [1, 3]
 
 
 BAD = [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from freedeploy.data import load_dataset
+from analysis.data import load_dataset
 from freedeploy.inputs import Encoder
 from freedeploy.rundir import load_run
 from freedeploy.train import TrainConfig, default_exits, predict, train
@@ -39,7 +39,7 @@ def test_run_dir_contents(vision_run) -> None:
     assert manifest["train_config"]["augment"] == "shift" and manifest["train_config"]["finetune_lr"] == 3e-3
     assert manifest["data"]["split_sizes"]["test"] == 359 and manifest["data"]["labelled"] < 600
     metrics = json.loads((out / "metrics.json").read_text())
-    assert [e["exit"] for e in metrics["test"]["exits"]] == [1, 2, 3]
+    assert [e["block"] for e in metrics["test"]["exits"]] == [1, 2, 3]
     for key in ("final_accuracy", "overthinking_rate"):
         assert 0.0 <= metrics["test"][key] <= 1.0
     assert metrics["test"]["final_accuracy"] > 0.2  # a few epochs of a micro model: well above chance (0.1)

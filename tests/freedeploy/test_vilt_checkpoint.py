@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from analysis.data import load_dataset, make_splits
 from freedeploy.backbones import load_backbone
-from freedeploy.data import load_dataset, make_splits
 from freedeploy.inputs import _train_wordpiece, make_preprocess
 from runtimes.preprocess import ImageTextSpec
 from tests.conftest import MICRO_VILT

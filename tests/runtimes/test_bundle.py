@@ -1,4 +1,5 @@
-"""The bundle contract: a golden bundle.json keeps loading; damaged bundles fail with BundleError."""
+"""The bundle contract: golden manifests keep loading (version 1 through the migration, version 2
+as written), round trips are lossless, and damaged bundles fail with BundleError."""
 
 from __future__ import annotations
 
@@ -12,18 +13,22 @@ import pytest
 from runtimes.bundle import SCHEMA_VERSION, load_bundle, save_bundle
 from runtimes.errors import BundleError
 from runtimes.preprocess import ImageSpec
+from runtimes.records import Certificate
 
-GOLDEN = Path(__file__).parent / "golden_bundle"
-
-
-@pytest.fixture
-def bundle_dir(tmp_path: Path) -> Path:
-    return Path(shutil.copytree(GOLDEN, tmp_path / "b"))
+HERE = Path(__file__).parent
+GOLDEN = HERE / "golden_bundle"  # schema version 1, as written before the plan became data
+GOLDEN_V2 = HERE / "golden_bundle_v2"
 
 
-def test_golden_bundle_keeps_loading() -> None:
-    b = load_bundle(GOLDEN)
-    assert b.schema_version == SCHEMA_VERSION == 1
+@pytest.fixture(params=[GOLDEN, GOLDEN_V2], ids=["v1", "v2"])
+def bundle_dir(request, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(request.param, tmp_path / "b"))
+
+
+@pytest.mark.parametrize("golden, version", [(GOLDEN, 1), (GOLDEN_V2, 2)])
+def test_golden_bundles_keep_loading(golden: Path, version: int) -> None:
+    b = load_bundle(golden)
+    assert b.schema_version == SCHEMA_VERSION == 2 and b.loaded_version == version
     assert b.name == "golden" and len(b.labels) == 10 and b.num_blocks == 8
     assert isinstance(b.preprocess, ImageSpec) and b.preprocess.size == (32, 32)
     assert [s.blocks for s in b.stages] == [(0, 2), (2, 8)]
@@ -31,26 +36,39 @@ def test_golden_bundle_keeps_loading() -> None:
     assert b.graph_keys() == ["segment_0", "exit_0", "segment_1", "full"]
     assert b.graph("exit_0").outputs[1].name == "confidence_0"
     assert b.batch.max == 64 and b.precisions == ("fp32",)
+    # the plan is data: kinds and roles, read from the file (version 1: written by the migration)
+    assert [g.kind for g in b.graphs] == ["segment", "exit", "segment", "full"]
+    assert [t.role for t in b.graph("exit_0").outputs] == ["exit_logits", "exit_confidence", "exit_prediction"]
+    assert [t.role for t in b.stages[0].segment.outputs] == ["hidden"] and b.inputs[0].role == "model_input"
+    assert b.exits[0].decision == ("confidence_0", "prediction_0") and b.final_decision == ("confidence", "prediction")
+
+
+def test_migration_writes_what_version_2_holds() -> None:
+    assert load_bundle(GOLDEN) == load_bundle(GOLDEN_V2)
 
 
 def test_round_trip_is_lossless(bundle_dir: Path) -> None:
-    original = json.loads((bundle_dir / "bundle.json").read_text())
     first = load_bundle(bundle_dir)
     save_bundle(first, bundle_dir)
     saved = json.loads((bundle_dir / "bundle.json").read_text())
     assert load_bundle(bundle_dir) == first
-    # fields added since the fixture was written appear with their defaults; nothing else changes
-    assert saved["stages"][0]["exit"].pop("head") == "full-block" and saved["stages"][0]["exit"].pop("cost") == 1.0
-    assert saved == original
+    assert saved == json.loads((GOLDEN_V2 / "bundle.json").read_text())  # v1 is saved as v2, nothing else changes
+
+
+def _certificate(thresholds: tuple) -> Certificate:
+    return Certificate(key="onnxruntime-fp32", thresholds=thresholds, n=100, epsilon=0.05, mode="label-free",
+                       method="test", delta=0.01)
 
 
 def test_thresholds_update(bundle_dir: Path) -> None:
-    b = load_bundle(bundle_dir).with_thresholds((0.75,), {"method": "test"})
+    b = load_bundle(bundle_dir).with_thresholds((0.75,), {"onnxruntime-fp32": _certificate((0.75,))})
     save_bundle(b, bundle_dir)
     again = load_bundle(bundle_dir)
-    assert again.thresholds == (0.75,) and again.calibration == {"method": "test"}
+    assert again.thresholds == (0.75,) and again.calibration == {"onnxruntime-fp32": _certificate((0.75,))}
     with pytest.raises(BundleError, match="thresholds"):
         b.with_thresholds((0.5, 0.6), None)
+    with pytest.raises(BundleError, match=r"in \[0, 1\]"):
+        b.with_thresholds((1.5,), None)
 
 
 def _edit(bundle_dir: Path, change) -> None:
@@ -60,7 +78,7 @@ def _edit(bundle_dir: Path, change) -> None:
 
 
 @pytest.mark.parametrize("change, words", [
-    (lambda d: d.update(schema_version=2), "upgrade freedeploy"),
+    (lambda d: d.update(schema_version=3), "upgrade freedeploy"),
     (lambda d: d.pop("stages"), "'stages' is missing"),
     (lambda d: d.update(num_blocks="8"), "'num_blocks' must be an integer"),
     (lambda d: d["stages"][0]["exit"].update(threshold="high"), "'threshold' must be"),
@@ -82,7 +100,8 @@ def test_checksum_missing_file_and_symlink(bundle_dir: Path, tmp_path: Path) -> 
     (bundle_dir / "onnx" / "exit_0.onnx").write_text("tampered")
     with pytest.raises(BundleError, match="checksum mismatch for onnx/exit_0.onnx"):
         load_bundle(bundle_dir)
-    assert load_bundle(bundle_dir, verify=False).name == "golden"
+    with pytest.raises(BundleError, match="not a valid ONNX model"):  # the file check still reads its inputs
+        load_bundle(bundle_dir, verify=False)
     (bundle_dir / "onnx" / "exit_0.onnx").unlink()
     with pytest.raises(BundleError, match="missing"):
         load_bundle(bundle_dir)

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from runtimes.bundle import Bundle, load_bundle
 from runtimes.errors import BundleError
 
-GOLDEN = Path(__file__).parent / "golden_bundle"
-BASE = json.loads((GOLDEN / "bundle.json").read_text())
+GOLDEN = Path(__file__).parent / "golden_bundle"  # schema version 1: migrated on load
+GOLDEN_V2 = Path(__file__).parent / "golden_bundle_v2"
+BASES = [json.loads((g / "bundle.json").read_text()) for g in (GOLDEN, GOLDEN_V2)]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                     st.text(max_size=12), st.sampled_from(["../x", "/etc/passwd", "onnx/full.onnx", "\x00", "batch",
@@ -37,7 +38,7 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
     return out
 
 
-PATHS = _paths(BASE)
+PATHS = [_paths(base) for base in BASES]
 NASTY_PATHS = st.sampled_from(["\x00", "onnx/\x00.onnx", "a" * 5000, "../up", "/abs", "onnx/../../etc", "C:\\x",
                                "~/x", ".", "", "onnx//full.onnx", "onnx/full.onnx/", "bundle.json"])
 
@@ -46,11 +47,12 @@ NASTY_PATHS = st.sampled_from(["\x00", "onnx/\x00.onnx", "a" * 5000, "../up", "/
 def manifests(draw: st.DrawFn) -> Any:
     if draw(st.integers(0, 9)) == 0:
         return draw(json_values)  # an arbitrary document
-    doc = json.loads(json.dumps(BASE))
+    version = draw(st.integers(0, 1))
+    doc = json.loads(json.dumps(BASES[version]))
     if draw(st.integers(0, 4)) == 0:  # a listed file with a hostile name
         doc["files"][draw(NASTY_PATHS)] = draw(st.sampled_from(["0" * 64, "x"]))
     for _ in range(draw(st.integers(0, 3))):
-        path = draw(st.sampled_from(PATHS))
+        path = draw(st.sampled_from(PATHS[version]))
         if not path:
             continue
         parent = doc

@@ -20,7 +20,7 @@ def script() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _inputs(n: int = N) -> dict[str, np.ndarray]:
-    return {"x": np.arange(n, dtype=np.float32)[:, None]}
+    return {"x": np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1)}
 
 
 def _expected(conf: np.ndarray, pred: np.ndarray, thresholds: list) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +67,7 @@ def test_per_sample_compaction_runs_later_segments_on_fewer_rows(script) -> None
     assert set(backend.fetched) <= {f"confidence_{k}" for k in range(K)} | {f"prediction_{k}" for k in range(K)} | {
         "confidence", "prediction"}  # only the numbers the loop decides on cross to the host
     alone = [run_chain(FakeBackend(backend.bundle, confidences=conf, predictions=pred), backend.bundle,
-                       {"x": np.array([[i]], np.float32)}, [0.5, 0.5, 0.5]) for i in range(N)]
+                       {"x": np.full((1, 1, 1, 1), i, np.float32)}, [0.5, 0.5, 0.5]) for i in range(N)]
     assert np.array_equal(out.exits, np.concatenate([a.exits for a in alone]))
     assert np.array_equal(out.classes, np.concatenate([a.classes for a in alone]))
 
@@ -102,9 +102,9 @@ def test_runtime_splits_large_inputs_and_validates(script) -> None:
     with pytest.raises(ConfigError, match="thresholds"):
         rt.thresholds = [0.5]
     with pytest.raises(InputError, match="missing"):
-        rt.infer({"y": np.zeros((2, 1), np.float32)})
+        rt.infer({"y": np.zeros((2, 1, 1, 1), np.float32)})
     with pytest.raises(InputError, match="float32"):
-        rt.infer({"x": np.zeros((2, 1), np.float64)})
+        rt.infer({"x": np.zeros((2, 1, 1, 1), np.float64)})
     with pytest.raises(InputError, match="shape"):
         rt.infer({"x": np.zeros((2, 3), np.float32)})
     with pytest.raises(ConfigError, match="policy"):

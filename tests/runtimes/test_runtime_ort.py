@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from freedeploy.data import load_dataset
+from analysis.data import load_dataset
 from runtimes import Runtime
 from tests.conftest import split_arrays
 from tests.test_layout import BLOCKER
@@ -41,8 +41,8 @@ def test_zero_thresholds_leave_at_the_first_exit_with_its_prediction(rt, test_in
     rt.thresholds = [0.0, 0.0]
     res = rt.infer(test_inputs)
     record = rt.record(test_inputs)
-    v = micro_bundle.validation["chain_parity"]
-    assert v["equal"]  # the recorded first-exit predictions equal torch's (checked at export)
+    v = micro_bundle.validation.chain_parity
+    assert v.equal  # the recorded first-exit predictions equal torch's (checked at export)
     assert (res.exits == 0).all() and np.array_equal(res.classes, record.predictions[:, 0])
 
 

@@ -14,8 +14,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from analysis.data import load_dataset
 from freedeploy.cli import cli
-from freedeploy.data import load_dataset
 from freedeploy.exporting import run_split
 from freedeploy.inputs import Encoder
 from freedeploy.rundir import load_run
@@ -91,7 +91,7 @@ def test_run_question_cli(micro_vqa_bundle, micro_bundle, tmp_path: Path) -> Non
     assert rec["question"] == "which digit is this?" and rec["label"] in micro_vqa_bundle.bundle.labels
     with Runtime.load(micro_vqa_bundle.out) as rt:
         p = rt.infer(str(tmp_path / "three.png"), question="which digit is this?")[0]
-    assert (rec["label"], rec["exit"]) == (p.label, p.exit)
+    assert (rec["label"], rec["exit_index"]) == (p.label, p.exit_index)
     plain = CliRunner().invoke(cli, args)
     assert plain.exit_code == 0 and "three.png: " in plain.stdout
     for bad, bundle in ((args[:3], micro_vqa_bundle), ([*args[:3], "--question", "q?"], micro_bundle)):
@@ -131,7 +131,7 @@ def test_calibrate_eval_and_bench_on_the_vqa_bundle(micro_vqa_bundle, micro_vqa_
     assert res.exit_code == 0, res.stderr
     cert = json.loads(res.stdout)
     assert load_bundle(bundle_dir).thresholds == tuple(cert["thresholds"])
-    assert load_bundle(bundle_dir).calibration["onnxruntime-fp32"]["n"] == n_val
+    assert load_bundle(bundle_dir).calibration["onnxruntime-fp32"].n == n_val
     ev = CliRunner().invoke(cli, ["eval", str(bundle_dir), "--split", "test", "--json"])
     assert ev.exit_code == 0, ev.stderr
     m = json.loads(ev.stdout)

@@ -9,8 +9,8 @@ Specs::
     text:PATH[?text=C&label=C&encoding=E]
                                a CSV or JSONL file with a text column and a label column
                                (defaults: ``text``, ``label``, ``utf-8``)
-    vqa-digits                 the digit images with templated questions (``freedeploy.vqa``)
-    vqa:PATH                   a JSONL file of image, question, answer (``freedeploy.vqa``)
+    vqa-digits                 the digit images with templated questions (``analysis.vqa``)
+    vqa:PATH                   a JSONL file of image, question, answer (``analysis.vqa``)
 
 Any spec takes ``?limit=N`` (``&limit=N`` after other options): a fixed, class-stratified random
 subset of N rows, for quick experiments.
@@ -33,7 +33,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
-from freedeploy.vqa import load_vqa_digits, load_vqa_jsonl
+from analysis.vqa import load_vqa_digits, load_vqa_jsonl
 from runtimes.errors import ConfigError, DataError
 
 __all__ = ["Dataset", "load_dataset", "make_splits", "labelled_subset", "SPLITS", "split_digest"]

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from analysis.data import Dataset, load_dataset, make_splits, split_digest
+from analysis.metrics import exit_histogram, exit_metrics
 from calibration.thresholds import exit_decisions, expected_cost
-from freedeploy.data import Dataset, load_dataset, make_splits, split_digest
-from freedeploy.metrics import exit_metrics
 from runtimes.bundle import Bundle
 from runtimes.errors import DataError
 from runtimes.runtime import Runtime
@@ -58,17 +58,20 @@ def evaluate(rt: Runtime, inputs: dict[str, np.ndarray], labels: np.ndarray) -> 
     taken = exit_decisions(record.confidences, thresholds)
     early = record.predictions[np.arange(len(taken)), taken]
     full = record.predictions[:, -1]
-    k = len(rt.bundle.exits)
-    per_exit = exit_metrics([record.predictions[:, i] for i in range(k)], full, labels,
-                            [e.block for e in rt.bundle.exits])
-    hist = np.bincount(taken, minlength=k + 1)
+    blocks = [e.block for e in rt.bundle.exits]
+    per_exit = exit_metrics([record.predictions[:, i] for i in range(len(blocks))], full, labels, blocks)
     return {
         "n": int(len(labels)), "thresholds": thresholds, "backend": rt.backend.describe(),
         "accuracy": float((early == labels).mean()), "full_accuracy": float((full == labels).mean()),
         "agreement_with_full": float((early == full).mean()), "disagreement_with_full": float((early != full).mean()),
         "accuracy_drop": float(max(0.0, (full == labels).mean() - (early == labels).mean())),
-        "exit_histogram": {("final" if i == k else f"exit {i}"): int(c) for i, c in enumerate(hist)},
+        "exit_histogram": exit_histogram(taken, blocks),
         "per_exit": per_exit["exits"], "overthinking_rate": per_exit["overthinking_rate"],
         "analytic_speedup": analytic_speedup(rt.bundle, taken, thresholds),
-        "certificate": (rt.bundle.calibration or {}).get(rt.calibration_key),
+        "certificate": _certificate(rt),
     }
+
+
+def _certificate(rt: Runtime) -> dict[str, Any] | None:
+    cert = (rt.bundle.calibration or {}).get(rt.calibration_key)
+    return None if cert is None else cert.to_dict()

@@ -20,8 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from analysis.evaluation import analytic_speedup
+from analysis.metrics import exit_share
 from calibration.thresholds import exit_decisions
-from freedeploy.evaluation import analytic_speedup
 from runtimes.runtime import Runtime
 
 __all__ = ["latency", "throughput", "summarise", "interleaved", "stats_ms", "head_costs", "cost_model"]
@@ -104,7 +105,7 @@ def head_costs(rt: Runtime, inputs: dict[str, np.ndarray], samples: int = 32, ba
 
 
 def cost_model(report: dict[str, Any], thresholds: list[float | None]) -> dict[str, float]:
-    """The speed-up predicted from each graph's own measured time over the timed exit histogram,
+    """The speed-up predicted from each graph's own measured time over the timed exit shares,
     and the measured speed-up against it. Between the analytic figure (multiply-adds) and this one
     lies what the graphs really cost on this machine; between this one and the measurement lies
     what chaining them costs (calls, copies, the runtime's own work)."""
@@ -112,7 +113,7 @@ def cost_model(report: dict[str, Any], thresholds: list[float | None]) -> dict[s
 
     h = report["heads"]
     per_exit = path_costs(h["segment_ms"], h["head_ms"], thresholds)
-    expected = h["full_ms"] / float(np.dot(report["exit_histogram"], per_exit))
+    expected = h["full_ms"] / float(np.dot(list(report["exit_share"].values()), per_exit))  # exits in order, final last
     return {"expected_speedup": expected, "measured_over_expected": report["measured_speedup_mean"] / expected}
 
 
@@ -138,7 +139,7 @@ def summarise(rt: Runtime, inputs: dict[str, np.ndarray], lat: dict[str, np.ndar
         "measured_speedup_median": float(np.median(full) / np.median(lat["early_exit"])),
         "no_exit_over_full_median": float(np.median(lat["no_exit"]) / np.median(full)),
         "never_exits_over_full_mean": float(lat["never_exits"].mean() / full.mean()),
-        "exit_histogram": (np.bincount(taken, minlength=len(rt.bundle.exits) + 1) / len(taken)).tolist(),
+        "exit_share": exit_share(taken, [e.block for e in rt.bundle.exits]),
         "exit_blocks": [e.block for e in rt.bundle.exits],
     }
     if labels is not None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freedeploy.data import load_dataset, make_splits
-from freedeploy.vqa import DIGIT_ANSWERS, QUESTIONS_PER_IMAGE
+from analysis.data import load_dataset, make_splits
+from analysis.vqa import DIGIT_ANSWERS, QUESTIONS_PER_IMAGE
 from runtimes.errors import ConfigError, DataError
 
 

@@ -12,9 +12,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from analysis.benchmark import interleaved
+from analysis.evaluation import analytic_speedup
+from analysis.metrics import exit_share
 from calibration.thresholds import exit_decisions
-from freedeploy.benchmark import interleaved
-from freedeploy.evaluation import analytic_speedup
 from runtimes.errors import ConfigError
 from runtimes.runtime import Runtime
 
@@ -43,7 +44,7 @@ def threshold_sweep(rt: Runtime, inputs: dict[str, np.ndarray], labels: np.ndarr
         return {"thresholds": th, "accuracy": float((pred == labels).mean()),
                 "measured_speedup": float(times["full"].mean() / times[name].mean()),
                 "analytic_speedup": analytic_speedup(rt.bundle, taken, th),
-                "exit_histogram": (np.bincount(taken, minlength=k + 1) / len(taken)).tolist()}
+                "exit_share": exit_share(taken, [e.block for e in rt.bundle.exits])}
 
     return {"points": [point(str(t)) for t in thresholds], "bundle": point("bundle"),
             "full_accuracy": float((record.predictions[:, -1] == labels).mean()),
@@ -77,9 +78,8 @@ def plot_all(out_dir: Path, sweep: dict[str, Any]) -> list[Path]:
     fig.savefig(first, dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3))
-    hist = own["exit_histogram"]
-    names = [f"block {e}" for e in sweep["exit_blocks"]] + ["final"]
-    ax.bar(names, [100 * h for h in hist])
+    share = own["exit_share"]
+    ax.bar([k if k == "final" else f"block {k}" for k in share], [100 * v for v in share.values()])
     ax.set_ylabel("share of test samples (%)")
     ax.set_title("where samples leave (bundle thresholds)")
     fig.tight_layout()

@@ -1,6 +1,6 @@
 """Visual question answering data: an image, a question about it, and an answer from a fixed set.
 
-Specs (see ``freedeploy.data``)::
+Specs (see ``analysis.data``)::
 
     vqa-digits      scikit-learn's 1,797 real 8x8 digit images (the ``digits`` source), each with
                     QUESTIONS_PER_IMAGE templated questions: which digit is this, is it even / odd,
@@ -57,7 +57,7 @@ def digit_questions(digit: int, rng: np.random.Generator, n: int = QUESTIONS_PER
 
 
 def _build(spec: str, items: list[Any], answers: list[str], groups: list[int], names: tuple[str, ...]) -> Any:
-    from freedeploy.data import Dataset
+    from analysis.data import Dataset
 
     if not items:
         raise DataError(f"data set {spec!r} is empty")
@@ -69,7 +69,7 @@ def _build(spec: str, items: list[Any], answers: list[str], groups: list[int], n
 
 
 def load_vqa_digits(spec: str) -> Any:
-    from freedeploy.data import digit_images
+    from analysis.data import digit_images
 
     images, digits = digit_images("vqa-digits")
     rng = np.random.default_rng(_SEED)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from freedeploy.data import labelled_subset, load_dataset, make_splits
+from analysis.data import labelled_subset, load_dataset, make_splits
 from runtimes.errors import ConfigError, DataError
 
 

@@ -1,0 +1,93 @@
+"""Older manifests -> the current plan (``migrate``), so bundles exported before keep working.
+
+Version 1 implied the plan by names: graph keys ``segment_<k>`` / ``exit_<k>`` / ``full`` and
+tensor roles from ``runtimes.naming``'s rules. Migration writes them out: each graph gets its key
+and kind, each tensor its role. Thresholds, certificates, files and checksums are kept as they
+are, so predictions and thresholds do not change. A manifest from a newer freedeploy is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from runtimes import naming
+from runtimes.errors import BundleError
+
+__all__ = ["migrate"]
+
+_DECISION_ROLES = ("logits", "confidence", "prediction")
+
+
+def migrate(data: Any, where: Path | str) -> Any:
+    """``data`` in the current schema version (a copy when it had to change)."""
+    from runtimes.bundle import SCHEMA_VERSION
+
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        raise BundleError(f"{where}: expected an object at the top level, found {type(data).__name__}")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise BundleError(f"{where}: 'schema_version' must be an integer")
+    if version > SCHEMA_VERSION:
+        raise BundleError(f"{where} has schema version {version}; this freedeploy reads up to {SCHEMA_VERSION}: "
+                          "upgrade freedeploy")
+    if version < 1:
+        raise BundleError(f"{where} has an invalid schema version {version}")
+    if version == 1:
+        try:
+            return _v1_to_v2(copy.deepcopy(data))
+        except (KeyError, TypeError, AttributeError, IndexError, ValueError) as exc:
+            raise BundleError(f"{where}: version-1 manifest is malformed and cannot be migrated "
+                              f"({type(exc).__name__}: {str(exc)[:120]})") from None
+    return data
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    for t in data.get("inputs", []):
+        if isinstance(t, dict):
+            t["role"] = "model_input"
+    data["schema_version"] = 2
+    data.setdefault("task", "classify")
+    stages = data.get("stages")
+    if not isinstance(stages, list):
+        return data  # the typed parser names what is missing
+    model_inputs = {t["name"] for t in data.get("inputs", []) if isinstance(t, dict)}
+    last = len(stages) - 1
+    for k, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            continue
+        final = k == last
+        _graph(stage.get("segment"), naming.segment_key(k), "segment", model_inputs,
+               naming.FINAL_DECISION if final else (), "final")
+        ex = stage.get("exit")
+        if isinstance(ex, dict):
+            _graph(ex.get("graph"), naming.exit_key(k), "exit", model_inputs, naming.exit_decision(k), "exit")
+    _graph(data.get("full"), naming.FULL, "full", model_inputs, naming.FINAL_DECISION, "final")
+    blocks = [str(s["exit"]["block"]) for s in stages if isinstance(s, dict) and isinstance(s.get("exit"), dict)]
+    for cert in (data.get("calibration") or {}).values():
+        share = cert.pop("exit_histogram", None) if isinstance(cert, dict) else None
+        if isinstance(share, list) and len(share) == len(blocks) + 1:  # per exit in chain order, then final
+            cert["exit_share"] = {**dict(zip(blocks, share)), "final": share[-1]}
+    return data
+
+
+def _graph(graph: Any, key: str, kind: str, model_inputs: set[str], decision: tuple[str, ...], prefix: str) -> None:
+    if not isinstance(graph, dict):
+        return
+    graph["key"], graph["kind"] = key, kind
+    for t in [*graph.get("inputs", []), *graph.get("outputs", [])]:
+        if isinstance(t, dict):
+            t["role"] = _role(t.get("name"), model_inputs, decision, prefix)
+
+
+def _role(name: Any, model_inputs: set[str], decision: tuple[str, ...], prefix: str) -> str:
+    if name in model_inputs:
+        return "model_input"
+    if name in decision:
+        return f"{prefix}_{_DECISION_ROLES[decision.index(name)]}"
+    if naming.is_hidden_name(name):
+        return "hidden"
+    if name == naming.TOKEN_MASK:
+        return "token_mask"
+    raise ValueError(f"tensor {name!r:.60} follows none of version 1's naming rules")

@@ -1,0 +1,232 @@
+"""Typed records a bundle holds beside its plan: the calibration certificate (in ``bundle.json``),
+the engine set (``engines/<target-key>/build.json``) and the export validation report
+(``validation.json``).
+
+Each is a frozen dataclass with ``from_dict`` / ``to_dict``; ``from_dict`` names the field at fault
+(``runtimes.typed``) and runs the record's own ``check``. Written in one module, read in others,
+so the keys live here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from runtimes.errors import BundleError, FreedeployError
+from runtimes.typed import from_dict, to_dict
+
+__all__ = ["PRECISIONS", "StageCosts", "Certificate", "GraphBuild", "EngineSet", "FileCheck", "Mismatch",
+           "ChainParity", "PrecisionCheck", "ValidationReport", "read_json_record", "BUILD_SCHEMA", "VALIDATION_FILE",
+           "check_thresholds", "schemas"]
+
+PRECISIONS = ("fp32", "fp16", "int8")
+BUILD_SCHEMA = 1
+VALIDATION_FILE = "validation.json"
+_Error = type[FreedeployError]
+
+
+def check_thresholds(thresholds: tuple[float | None, ...], where: str, error: _Error = BundleError) -> None:
+    """Thresholds are probabilities-like confidences: finite and in [0, 1], or None (exit off)."""
+    for i, t in enumerate(thresholds):
+        if t is not None and not (math.isfinite(t) and 0.0 <= t <= 1.0):
+            raise error(f"{where}: threshold {i} must be in [0, 1] or null (exit off), found {t!r}")
+
+
+class _Record:
+    """``from_dict`` / ``to_dict`` for the dataclasses below."""
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "record", error: _Error = BundleError) -> Any:
+        return from_dict(cls, data, where, error)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+# -- the calibration certificate ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StageCosts(_Record):
+    """Measured milliseconds per call of each graph (at batch 1 for a certificate)."""
+
+    segments: tuple[float, ...]  # per segment, chain order (the last ends in the final head)
+    exits: tuple[float, ...]  # per exit head
+    full: float  # the monolithic graph
+
+    def chain_without_exits(self) -> float:
+        return float(sum(self.segments))
+
+
+@dataclass(frozen=True)
+class Certificate(_Record):
+    """What ``freedeploy calibrate`` promised, and on what: with probability at least 1 - epsilon
+    over the calibration draw, the loss (disagreement with the full model, or accuracy drop with
+    labels) of early exit at ``thresholds`` is at most ``delta`` (or the latency budget holds)."""
+
+    key: str  # backend-precision[-engine set]: where these thresholds were measured
+    thresholds: tuple[float | None, ...]  # one per exit, in chain order; None: exit off
+    n: int  # calibration samples
+    epsilon: float  # failure probability of the guarantee
+    mode: str = field(metadata={"choices": ("label-free", "labels")})
+    method: str  # the statistical procedure, in words
+    delta: float | None = None  # certified tolerance; None in latency-budget mode
+    loss: str = ""  # what delta bounds, in words
+    pvalue: float | None = None
+    certified_candidates: int | None = None
+    tightest_tolerance: float | None = None  # the smallest delta this n could certify
+    latency_budget_ms: float | None = None
+    risk_upper_bound: float | None = None  # latency-budget mode: the bound on the loss
+    calibration_risk: float | None = None  # empirical loss on the calibration set
+    expected_latency_ms: float | None = None
+    expected_speedup: float | None = None
+    exit_share: Mapping[str, float] = field(default_factory=dict)  # samples leaving per exit, by block, and "final"
+    path: str | None = None
+    grid_index: int | None = None
+    costs_ms: StageCosts | None = None
+    backend: Mapping[str, Any] = field(default_factory=dict)  # Backend.describe() where it was measured
+    data: Mapping[str, Any] = field(default_factory=dict)  # data set and split it was measured on
+    calibrated: str = ""  # ISO 8601 time
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if self.n < 1 or not 0.0 < self.epsilon < 1.0:
+            raise error(f"{where}: a certificate needs n >= 1 and epsilon in (0, 1), found n={self.n}, "
+                        f"epsilon={self.epsilon}")
+        if self.delta is not None and not 0.0 <= self.delta <= 1.0:
+            raise error(f"{where}: 'delta' must be in [0, 1], found {self.delta}")
+        check_thresholds(self.thresholds, f"{where}.thresholds", error)
+
+
+# -- the engine set (build.json) -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GraphBuild(_Record):
+    onnx: str  # the ONNX file it was built from, relative to the bundle
+    onnx_sha256: str
+    plan: str  # the plan's file name inside the engine set
+    plan_sha256: str
+    seconds: float = 0.0
+    profile: Mapping[str, Mapping[str, tuple[int, ...]]] = field(default_factory=dict)  # input -> min/opt/max
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if not self.plan or Path(self.plan).name != self.plan or self.plan in (".", ".."):
+            raise error(f"{where}: 'plan' must be a file name inside the engine set, found {self.plan!r:.80}")
+
+
+@dataclass(frozen=True)
+class EngineSet(_Record):
+    """``build.json``: what the plans were built from and with. Settings are stored by enum name,
+    since TensorRT 11 renumbered enum values."""
+
+    schema: int
+    key: str  # the target key, also the directory name
+    precision: str = field(metadata={"choices": PRECISIONS})
+    tensorrt_version: str
+    graphs: Mapping[str, GraphBuild]
+    bundle: str = ""
+    cuda_runtime_version: str | None = None
+    cuda_driver_version: str | None = None
+    gpu: Mapping[str, Any] = field(default_factory=dict)
+    jetpack_l4t: str | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+    timing_cache: Mapping[str, Any] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    created: str = ""
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if self.schema < 1:
+            raise error(f"{where}: 'schema' must be a positive integer")
+        if self.schema > BUILD_SCHEMA:
+            raise error(f"{where} has schema {self.schema}; this freedeploy reads up to {BUILD_SCHEMA}: "
+                        "upgrade freedeploy")
+
+
+# -- the export validation report (validation.json) ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class FileCheck(_Record):
+    file: str
+    output: str
+    batch: int
+    max_abs_diff: float
+
+
+@dataclass(frozen=True)
+class Mismatch(_Record):
+    file: str
+    output: str
+    batch: int
+    max_abs_diff: float
+    tolerance: float
+
+    def __str__(self) -> str:
+        return (f"{self.file} output {self.output!r} at batch {self.batch}: max abs diff {self.max_abs_diff:.3g} "
+                f"> tolerance {self.tolerance:.3g}")
+
+
+@dataclass(frozen=True)
+class ChainParity(_Record):
+    n: int
+    mismatches_per_head: tuple[int, ...]
+    real_mismatches_per_head: tuple[int, ...]  # only where torch's top-2 logits are further apart than the tolerance
+    equal: bool
+
+
+@dataclass(frozen=True)
+class PrecisionCheck(_Record):
+    precision: str = field(metadata={"choices": PRECISIONS})
+    reference_threshold: float
+    exit_decision_agreement: tuple[float, ...]
+    prediction_agreement: tuple[float, ...]
+    max_confidence_diff: float
+    final_accuracy_fp32: float
+    final_accuracy: float
+    accuracy_change: float
+
+
+@dataclass(frozen=True)
+class ValidationReport(_Record):
+    target: str
+    validated: bool
+    tolerance: float | None = None  # fp32 ONNX vs torch, max abs diff per output
+    files: tuple[FileCheck, ...] = ()
+    failures: tuple[Mismatch, ...] = ()
+    max_abs_diff: float | None = None
+    chain_parity: ChainParity | None = None
+    torch_test_accuracy: float | None = None
+    precision: PrecisionCheck | None = None
+
+    def with_precision(self, check: PrecisionCheck) -> "ValidationReport":
+        return replace(self, precision=check)
+
+
+def read_json_record(cls: type, path: str | os.PathLike, error: _Error = BundleError) -> Any:
+    """Read a JSON file into the record ``cls``; every problem is one ``error`` naming the file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise error(f"{path} is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise error(f"{path} is not readable JSON: {str(exc)[:200]}") from None
+    return from_dict(cls, data, f"{path}:", error)
+
+
+def schemas() -> dict[str, dict]:
+    """The published JSON Schemas of every file a bundle holds, by file name under ``docs/schema/``;
+    ``make schema`` writes them, a test checks they match the code."""
+    from runtimes.bundle import SCHEMA_VERSION, Bundle
+    from runtimes.schema import dataclass_schema
+
+    base = "https://freedeploy.dev/schema/"
+    return {
+        "bundle.schema.json": dataclass_schema(Bundle, title=f"freedeploy bundle.json, schema version {SCHEMA_VERSION}",
+                                               schema_id=f"{base}bundle-v{SCHEMA_VERSION}.json"),
+        "build.schema.json": dataclass_schema(EngineSet, title=f"freedeploy engine set build.json, schema {BUILD_SCHEMA}",
+                                              schema_id=f"{base}build-v{BUILD_SCHEMA}.json"),
+        "validation.schema.json": dataclass_schema(ValidationReport, title="freedeploy validation.json",
+                                                   schema_id=f"{base}validation.json"),
+    }
