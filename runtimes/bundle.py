@@ -56,13 +56,14 @@ from runtimes.typed import from_dict, to_dict
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "TensorSpec", "GraphSpec", "ExitSpec", "StageSpec", "BatchSpec",
            "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS", "ROLES", "GRAPH_KINDS", "HEADS",
-           "TASKS", "DTYPES", "by_exit"]
+           "TASKS", "DTYPES", "by_exit", "EXIT_DECISION", "FINAL_DECISION"]
 
 SCHEMA_VERSION = 2
 MANIFEST = "bundle.json"
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
-ROLES = ("model_input", "hidden", "token_mask", "layer_state", "exit_logits", "exit_confidence", "exit_prediction",
-         "final_logits", "final_confidence", "final_prediction")
+EXIT_DECISION = ("exit_logits", "exit_confidence", "exit_prediction")  # an exit head's outputs, in order
+FINAL_DECISION = ("final_logits", "final_confidence", "final_prediction")  # the last segment's and full's
+ROLES = ("model_input", "hidden", "token_mask", "layer_state", *EXIT_DECISION, *FINAL_DECISION)
 GRAPH_KINDS = ("segment", "exit", "full", "prefill", "decode_step", "state_fill")
 HEADS = ("cls-query", "full-block")  # the exit head forms (freedeploy.adapters builds them)
 TASKS = ("classify",)  # "generate" comes with decoders

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
+from runtimes.bundle import EXIT_DECISION, FINAL_DECISION
 from runtimes.errors import BundleError, FreedeployError
 from runtimes.preprocess import ImageSpec, ImageTextSpec, TextSpec
 
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
 __all__ = ["check_bundle", "check_graph_files"]
 
 _Error = type[FreedeployError]
-_DECISION = ("logits", "confidence", "prediction")
 
 
 def check_bundle(b: "Bundle", where: str, error: _Error = BundleError) -> None:
@@ -98,18 +98,18 @@ def _check_tensors(b: "Bundle", w: str, error: _Error) -> None:
             available |= {t.name for t in g.outputs}
     for s in b.stages:
         final = s.exit is None
-        want = [f"final_{d}" for d in _DECISION] if final else ["hidden"]
+        want = list(FINAL_DECISION) if final else ["hidden"]
         got = [r for r in _roles(s.segment, "out") if r != "token_mask"]
         if got != want:
             raise error(f"{w}: stages[{s.index}].segment must output roles {want} (and optionally a token_mask), "
                         f"found {got}")
         if s.exit is not None:
-            if _roles(s.exit.graph, "out") != [f"exit_{d}" for d in _DECISION]:
+            if _roles(s.exit.graph, "out") != list(EXIT_DECISION):
                 raise error(f"{w}: stages[{s.index}].exit.graph must output exit logits, confidence and prediction")
             hidden = s.segment.output("hidden").name
             if hidden not in [t.name for t in s.exit.graph.inputs]:
                 raise error(f"{w}: stages[{s.index}].exit.graph does not read {hidden}, its segment's output")
-    if _roles(b.full, "out") != [f"final_{d}" for d in _DECISION]:
+    if _roles(b.full, "out") != list(FINAL_DECISION):
         raise error(f"{w}: 'full' must output the final logits, confidence and prediction")
     _check_decisions(b, w, error)
 

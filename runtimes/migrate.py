@@ -13,17 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from runtimes import naming
+from runtimes.bundle import EXIT_DECISION, FINAL_DECISION, SCHEMA_VERSION
 from runtimes.errors import BundleError
 
 __all__ = ["migrate"]
 
-_DECISION_ROLES = ("logits", "confidence", "prediction")
 
 
 def migrate(data: Any, where: Path | str) -> Any:
     """``data`` in the current schema version (a copy when it had to change)."""
-    from runtimes.bundle import SCHEMA_VERSION
-
     version = data.get("schema_version") if isinstance(data, dict) else None
     if not isinstance(data, dict):
         raise BundleError(f"{where}: expected an object at the top level, found {type(data).__name__}")
@@ -59,11 +57,11 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
             continue
         final = k == last
         _graph(stage.get("segment"), naming.segment_key(k), "segment", model_inputs,
-               naming.FINAL_DECISION if final else (), "final")
+               naming.FINAL_DECISION if final else (), FINAL_DECISION)
         ex = stage.get("exit")
         if isinstance(ex, dict):
-            _graph(ex.get("graph"), naming.exit_key(k), "exit", model_inputs, naming.exit_decision(k), "exit")
-    _graph(data.get("full"), naming.FULL, "full", model_inputs, naming.FINAL_DECISION, "final")
+            _graph(ex.get("graph"), naming.exit_key(k), "exit", model_inputs, naming.exit_decision(k), EXIT_DECISION)
+    _graph(data.get("full"), naming.FULL, "full", model_inputs, naming.FINAL_DECISION, FINAL_DECISION)
     blocks = [str(s["exit"]["block"]) for s in stages if isinstance(s, dict) and isinstance(s.get("exit"), dict)]
     for cert in (data.get("calibration") or {}).values():
         share = cert.pop("exit_histogram", None) if isinstance(cert, dict) else None
@@ -72,20 +70,21 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _graph(graph: Any, key: str, kind: str, model_inputs: set[str], decision: tuple[str, ...], prefix: str) -> None:
+def _graph(graph: Any, key: str, kind: str, model_inputs: set[str], decision: tuple[str, ...],
+           roles: tuple[str, ...]) -> None:
     if not isinstance(graph, dict):
         return
     graph["key"], graph["kind"] = key, kind
     for t in [*graph.get("inputs", []), *graph.get("outputs", [])]:
         if isinstance(t, dict):
-            t["role"] = _role(t.get("name"), model_inputs, decision, prefix)
+            t["role"] = _role(t.get("name"), model_inputs, decision, roles)
 
 
-def _role(name: Any, model_inputs: set[str], decision: tuple[str, ...], prefix: str) -> str:
+def _role(name: Any, model_inputs: set[str], decision: tuple[str, ...], roles: tuple[str, ...]) -> str:
     if name in model_inputs:
         return "model_input"
     if name in decision:
-        return f"{prefix}_{_DECISION_ROLES[decision.index(name)]}"
+        return roles[decision.index(name)]
     if naming.is_hidden_name(name):
         return "hidden"
     if name == naming.TOKEN_MASK:

@@ -19,14 +19,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from runtimes import naming
-from runtimes.bundle import BatchSpec, Bundle, ExitSpec, GraphSpec, StageSpec, TensorSpec
+from runtimes.bundle import EXIT_DECISION, FINAL_DECISION, BatchSpec, Bundle, ExitSpec, GraphSpec, StageSpec, TensorSpec
 from runtimes.errors import BundleError
 from runtimes.preprocess import Spec
 
 __all__ = ["GraphLayout", "classifier_layout", "classifier_bundle", "segment_bounds"]
-
-_EXIT_ROLES = ("exit_logits", "exit_confidence", "exit_prediction")
-_FINAL_ROLES = ("final_logits", "final_confidence", "final_prediction")
 
 
 @dataclass(frozen=True)
@@ -65,7 +62,7 @@ def classifier_layout(model_inputs: Sequence[str], exits: Sequence[int], num_blo
     given = tuple((n, "model_input") for n in model_inputs)
     carried = () if mask is None else ((mask, "model_input" if mask in model_inputs else "token_mask"),)
     emits = bool(carried) and carried[0][1] == "token_mask"
-    final = tuple(zip(naming.FINAL_DECISION, _FINAL_ROLES))
+    final = tuple(zip(naming.FINAL_DECISION, FINAL_DECISION))
     out: list[GraphLayout] = []
     for k, blocks in enumerate(bounds):
         ins = given if k == 0 else ((naming.hidden_name(exits[k - 1]), "hidden"), *carried)
@@ -76,7 +73,7 @@ def classifier_layout(model_inputs: Sequence[str], exits: Sequence[int], num_blo
         outs = (hidden, *carried) if emits and k == 0 else (hidden,)
         out.append(GraphLayout(naming.segment_key(k), "segment", ins, outs, k, blocks))
         out.append(GraphLayout(naming.exit_key(k), "exit", (hidden, *carried),
-                               tuple(zip(naming.exit_decision(k), _EXIT_ROLES)), k))
+                               tuple(zip(naming.exit_decision(k), EXIT_DECISION)), k))
     out.append(GraphLayout(naming.FULL, "full", given, final))
     return tuple(out)
 
