@@ -178,6 +178,11 @@ def _read_rows(path: Path, encoding: str) -> list[dict[str, Any]]:
 
 
 def _load_text(spec: str, path: Path, text_col: str, label_col: str, encoding: str) -> Dataset:
+    try:
+        "".encode(encoding)  # LookupError for a name Python does not know, or a codec that is not a text encoding
+    except LookupError:
+        raise DataError(f"unknown text encoding {encoding!r} in data spec {spec!r}; name a Python codec such as "
+                        "utf-8, utf-8-sig, latin-1 or cp1252") from None
     if not path.is_file():
         raise DataError(f"text data file {path} does not exist")
     rows = _read_rows(path, encoding)

@@ -9,12 +9,14 @@ on the backend and precision it was measured on.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from typing import Any
 
 import numpy as np
 
 from calibration.costs import measure_costs
 from calibration.thresholds import certify, exit_decisions, expected_cost, within_budget
+from runtimes.atomic import exclusive
 from runtimes.bundle import by_exit, load_bundle, save_bundle
 from runtimes.records import Certificate, StageCosts
 from runtimes.errors import CalibrationError
@@ -66,9 +68,13 @@ def _expected(rt: Runtime, thresholds: tuple[float, ...], conf: np.ndarray, cost
             "exit_share": by_exit(rt.bundle, share.tolist())}
 
 
-def write_calibration(bundle_dir: str, certificate: Certificate) -> None:
-    """Store the thresholds (as the bundle's defaults and under the certificate's key), atomically."""
-    bundle = load_bundle(bundle_dir)
-    calibrations = dict(bundle.calibration or {})
-    calibrations[certificate.key] = certificate
-    save_bundle(bundle.with_thresholds(tuple(certificate.thresholds), calibrations), bundle_dir)
+def write_calibration(bundle_dir: str | os.PathLike, certificate: Certificate) -> None:
+    """Store the thresholds (as the bundle's defaults and under the certificate's key), atomically.
+
+    Writers of one bundle take turns: a second calibrate waits for the first, then adds its
+    certificate to what the first wrote, so none is lost (the same key: the later one stands)."""
+    with exclusive(bundle_dir, waiting=f"waiting for another calibrate of {bundle_dir} to finish writing"):
+        bundle = load_bundle(bundle_dir)
+        calibrations = dict(bundle.calibration or {})
+        calibrations[certificate.key] = certificate
+        save_bundle(bundle.with_thresholds(tuple(certificate.thresholds), calibrations), bundle_dir)

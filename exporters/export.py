@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from exporters.validate import chain_parity, compare_files, precision_report, re
 from runtimes.atomic import atomic_directory
 from runtimes.backends.onnxruntime import OrtBackend
 from runtimes import naming
-from runtimes.bundle import MANIFEST, BatchSpec, Bundle, GraphSpec, load_bundle, save_bundle, sha256_file
+from runtimes.bundle import BUNDLE_DIR, MANIFEST, BatchSpec, Bundle, GraphSpec, load_bundle, save_bundle, sha256_file
 from runtimes.plan import classifier_bundle
 from runtimes.errors import ConfigError, ValidationError
 from runtimes.records import VALIDATION_FILE, PrecisionCheck, ValidationReport
@@ -56,8 +56,10 @@ class ExportResult:
 
 
 def export_bundle(model: torch.nn.Module, run: dict[str, Any], data: ExportData, out: Path, cfg: ExportConfig,
-                  extra_files: dict[str, Path] | None = None, progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Write ``out`` (a bundle) from a loaded early-exit model and its run manifest."""
+                  extra_files: dict[str, Path] | None = None, progress: Callable[[str], None] | None = None,
+                  sources: Sequence[Path] = ()) -> ExportResult:
+    """Write ``out`` (a bundle) from a loaded early-exit model and its run manifest; ``out`` may not
+    be, contain or lie inside any of ``sources`` (the run dir), and replaces only a bundle."""
     if cfg.target not in TARGETS:
         raise ConfigError(f"unknown target {cfg.target!r}; choose one of {', '.join(TARGETS)}")
     if not 1 <= cfg.opt_batch <= cfg.max_batch:
@@ -68,7 +70,7 @@ def export_bundle(model: torch.nn.Module, run: dict[str, Any], data: ExportData,
     model.set_exit_head(cfg.exit_head)
     defs = graph_defs(model, cfg.confidence)
     precision = TARGETS[cfg.target]
-    with atomic_directory(out, overwrite=cfg.overwrite) as tmp:
+    with atomic_directory(out, overwrite=cfg.overwrite, kind=BUNDLE_DIR, inputs=sources) as tmp:
         (tmp / "onnx").mkdir()
         specs = _write_onnx(defs, data.test, tmp, cfg, say)
         timings["onnx_export_s"] = time.perf_counter() - t0

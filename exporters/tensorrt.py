@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from runtimes.atomic import atomic_directory, atomic_write_text
+from runtimes.atomic import Replaceable, atomic_directory, atomic_write_text
 from runtimes.backends.tensorrt_device import (BUILD_FILE, BUILD_SCHEMA, ENGINES_DIR, DeviceInfo, detect_device,
                                         import_tensorrt, read_build, target_key)
 from exporters.config import BuildDefaults
@@ -43,6 +43,7 @@ __all__ = ["DeviceInfo", "BuildResult", "detect_device", "target_key", "profile_
 log = logging.getLogger(__name__)
 
 TIMING_CACHE = "timing.cache"
+ENGINE_SET = Replaceable("a TensorRT engine set", BUILD_FILE)  # what build --overwrite may replace
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max) shape
 Progress = Callable[[str, float], None]  # (message, fraction of the whole job done)
 
@@ -196,7 +197,7 @@ def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = Bui
     say = progress or (lambda message, fraction: None)
     cache = (target / TIMING_CACHE).read_bytes() if overwrite and (target / TIMING_CACHE).is_file() else None
     keys, graphs = bundle.graph_keys(), {}
-    with atomic_directory(target, overwrite=overwrite) as tmp:  # a failed build leaves no half-written set
+    with atomic_directory(target, overwrite=overwrite, kind=ENGINE_SET) as tmp:  # never a half-written set
         for i, gkey in enumerate(keys):
             rel, profile = bundle.graph(gkey).files[precision], profile_for(bundle, gkey)
             say(f"building {gkey}", i / len(keys))

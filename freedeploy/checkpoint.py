@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtimes.atomic import atomic_directory
+from runtimes.atomic import Replaceable, atomic_directory
 from runtimes.errors import ConfigError
 
 __all__ = ["BatchStream", "step_seed", "Checkpoints", "Saved", "pack_optimizer", "unpack_optimizer"]
@@ -99,6 +99,9 @@ class Saved:
     meta: dict[str, Any]
 
 
+CHECKPOINT = Replaceable("a freedeploy training checkpoint", "state.json")
+
+
 class Checkpoints:
     """``<out>.checkpoint/``: state.safetensors + state.json, replaced atomically at every save."""
 
@@ -112,7 +115,7 @@ class Checkpoints:
             return
         from safetensors.torch import save_file
 
-        with atomic_directory(self.path, overwrite=True) as tmp:
+        with atomic_directory(self.path, overwrite=True, kind=CHECKPOINT) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, os.fspath(tmp / "state.safetensors"))
             (tmp / "state.json").write_text(json.dumps({"settings": self.digest, "stage": stage, "step": step, **meta}))
         log.info("checkpoint: stage %d, step %d", stage, step)
@@ -129,5 +132,8 @@ class Checkpoints:
         return Saved(meta.pop("stage"), meta.pop("step"), load_file(os.fspath(self.path / "state.safetensors")), meta)
 
     def clear(self) -> None:
-        if self.enabled:
+        if self.enabled and self.path.exists():
+            if not CHECKPOINT.holds(self.path):
+                raise ConfigError(f"refusing to remove {self.path}: it is not {CHECKPOINT.what} (no "
+                                  f"{CHECKPOINT.marker}); move it away or choose another --out")
             shutil.rmtree(self.path, ignore_errors=True)

@@ -11,6 +11,8 @@ from analysis.data import load_dataset, split_digest
 from exporters.export import ExportConfig, ExportData, ExportResult, export_bundle
 from freedeploy.inputs import TOKENIZER_FILE, Encoder
 from freedeploy.rundir import load_run
+from runtimes.atomic import check_target
+from runtimes.bundle import BUNDLE_DIR
 from runtimes.errors import DataError
 
 __all__ = ["export_run", "run_split"]
@@ -31,8 +33,9 @@ def run_split(info: Any, split: str, data_spec: str | None = None) -> tuple[Any,
 
 
 def export_run(run_dir: Path, out: Path, progress: Callable[[str], None] | None = None, **settings: Any) -> ExportResult:
-    model, info = load_run(run_dir)
     cfg = ExportConfig(**settings)
+    check_target(Path(out), cfg.overwrite, BUNDLE_DIR, inputs=(run_dir,))  # before minutes of work
+    model, info = load_run(run_dir)
     data, test_idx = run_split(info, "test")
     _, train_idx = run_split(info, "train")
     calib_idx = np.sort(np.random.default_rng(0).permutation(train_idx)[:cfg.calib_samples])
@@ -40,4 +43,4 @@ def export_run(run_dir: Path, out: Path, progress: Callable[[str], None] | None 
     arrays = ExportData(test=encode(test_idx), test_labels=data.labels[test_idx], calib=encode(calib_idx))
     run = {**info.manifest, "num_blocks": model.num_blocks}
     extra = {TOKENIZER_FILE: run_dir / TOKENIZER_FILE} if (run_dir / TOKENIZER_FILE).is_file() else {}
-    return export_bundle(model, run, arrays, out, cfg, extra_files=extra, progress=progress)
+    return export_bundle(model, run, arrays, out, cfg, extra_files=extra, progress=progress, sources=(run_dir,))

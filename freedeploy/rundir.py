@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from freedeploy.model import EarlyExitModel
+from runtimes.atomic import Replaceable
 from runtimes.errors import ModelError
 from runtimes.preprocess import Spec, spec_from_dict
 
@@ -28,6 +29,7 @@ __all__ = ["RunInfo", "save_run", "load_run", "RUN_FORMAT_VERSION"]
 
 RUN_FORMAT_VERSION = 1
 MANIFEST = "freedeploy.json"
+RUN_DIR = Replaceable("a freedeploy run dir", MANIFEST)  # what train --overwrite may replace
 WEIGHTS = "model.safetensors"
 
 

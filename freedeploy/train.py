@@ -25,10 +25,10 @@ from freedeploy.distributed import DistContext
 from freedeploy.free import ExitObjective, LossWeights
 from freedeploy.inputs import Encoder, make_preprocess
 from freedeploy.model import EarlyExitModel, additive_mask, check_exits
-from freedeploy.rundir import save_run
+from freedeploy.rundir import RUN_DIR, save_run
 from freedeploy.settings import AUGMENTS, AUTO, TRAIN_PRECISIONS, TrainConfig, finetune_defaults
 from runtimes.preprocess import ImageSpec
-from runtimes.atomic import atomic_directory
+from runtimes.atomic import atomic_directory, check_target
 from runtimes.errors import ConfigError
 
 __all__ = ["TrainConfig", "TrainResult", "train", "default_exits"]
@@ -290,9 +290,17 @@ def _versions() -> dict[str, str]:
             "numpy": np.__version__, "python": platform.python_version()}
 
 
+def _sources(cfg: TrainConfig) -> list[str]:
+    """The paths a run reads (an earlier run dir or local model, a data file or folder): its output
+    may not be, contain or lie inside any of them."""
+    data_path = cfg.data.partition("?")[0].partition(":")[2]
+    return [p for p in (cfg.model, data_path) if p and Path(p).exists()]
+
+
 def train(cfg: TrainConfig, on_stage: Callable[[str], None] | None = None) -> TrainResult:
     """Run both stages and write the run dir atomically; returns the test metrics."""
     t0 = time.perf_counter()
+    check_target(Path(cfg.out), cfg.overwrite, RUN_DIR, _sources(cfg))  # before minutes of work
     ctx = DistContext.start(cfg.device)
     try:
         torch.manual_seed(cfg.seed)
@@ -304,7 +312,8 @@ def train(cfg: TrainConfig, on_stage: Callable[[str], None] | None = None) -> Tr
         model = EarlyExitModel(backbone.hf, backbone.adapter, cfg.exits, exit_init=cfg.exit_init,
                                exit_head=cfg.exit_head).to(ctx.device)
         ckpt, saved = _checkpoints(cfg, ctx)
-        with atomic_directory(cfg.out, overwrite=cfg.overwrite) if ctx.is_main else _scratch() as out_dir:
+        with (atomic_directory(cfg.out, overwrite=cfg.overwrite, kind=RUN_DIR, inputs=_sources(cfg))
+              if ctx.is_main else _scratch()) as out_dir:
             spec = make_preprocess(backbone, data, splits["train"], out_dir, cfg.max_length)
             encode = Encoder(data, spec, out_dir)
             if cfg.finetune_epochs and (saved is None or saved.stage == 1):

@@ -47,7 +47,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping
 
-from runtimes.atomic import atomic_write_text
+from runtimes.atomic import LOCK_FILE, Replaceable, atomic_write_text
 from runtimes.confidence import CONFIDENCE
 from runtimes.errors import BundleError, FreedeployError
 from runtimes.preprocess import ImageSpec, ImageTextSpec, Spec, TextSpec
@@ -56,10 +56,11 @@ from runtimes.typed import from_dict, to_dict
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "TensorSpec", "GraphSpec", "ExitSpec", "StageSpec", "BatchSpec",
            "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS", "ROLES", "GRAPH_KINDS", "HEADS",
-           "TASKS", "DTYPES", "by_exit", "EXIT_DECISION", "FINAL_DECISION"]
+           "TASKS", "DTYPES", "by_exit", "BUNDLE_DIR", "EXIT_DECISION", "FINAL_DECISION"]
 
 SCHEMA_VERSION = 2
 MANIFEST = "bundle.json"
+BUNDLE_DIR = Replaceable("a freedeploy bundle", MANIFEST)  # what export --overwrite may replace
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 EXIT_DECISION = ("exit_logits", "exit_confidence", "exit_prediction")  # an exit head's outputs, in order
 FINAL_DECISION = ("final_logits", "final_confidence", "final_prediction")  # the last segment's and full's
@@ -324,7 +325,7 @@ def load_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
 def _no_extra_files(root: Path, bundle: Bundle) -> None:
     """Every file must be listed, except engine sets (self-described by their build.json) and the
     temporary file of an atomic manifest write in progress."""
-    listed = set(bundle.files) | {MANIFEST}
+    listed = set(bundle.files) | {MANIFEST, LOCK_FILE}
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
         if path.is_dir() or rel.split("/")[0] == "engines" or rel in listed:

@@ -25,7 +25,10 @@ _RESAMPLE = ("nearest", "bilinear", "bicubic")
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """How an image becomes ``pixel_values``: resize, scale to [0, 1], normalise, NCHW float32."""
+    """How an image becomes ``pixel_values``: resize, scale to [0, 1], normalise, NCHW float32.
+
+    Images are read as 8-bit: 16-bit gray is scaled by its full range (value / 257), float images
+    (Pillow mode F) must lie in [0, 1], alpha is dropped; see ``_pil_to_array``."""
 
     size: tuple[int, int]  # (height, width) in pixels, the model's input size
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)  # per channel, applied after scaling to [0, 1]
@@ -103,19 +106,64 @@ def spec_from_dict(data: dict[str, Any]) -> Spec:
     raise ConfigError(f"unknown preprocessing kind {kind!r}: expected 'image', 'text' or 'image-text'")
 
 
+# Pillow modes read as they are; every other mode is converted by what its numbers mean (below)
+_PLAIN_MODES = ("L", "RGB", "RGBA")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _pil_to_array(img: Any) -> np.ndarray:
+    """A PIL image -> an HW or HWC uint8 array, faithful to its mode: never clipped, never blackened.
+
+    16-bit gray (I;16, and I holding 0..65535) is scaled by its full range (value / 257, rounded);
+    32-bit float (F) must lie in [0, 1] and is scaled by 255; alpha (LA, PA, P with transparency)
+    is dropped, as for RGBA (P with transparency keeps its palette colours); "1" reads as 0 / 255;
+    CMYK, YCbCr and the rest go through Pillow's RGB conversion; a mode it cannot convert is an
+    InputError."""
+    mode = img.mode
+    if mode in _PLAIN_MODES:
+        return np.asarray(img)
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        a = np.asarray(img)
+        lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise InputError(f"a 32-bit integer image (mode I) is read as 16-bit (0..65535); this one holds "
+                             f"{lo}..{hi}: scale it to 8 bits (uint8) yourself")
+        return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)  # value / 257, rounded: 65535 -> 255
+    if mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0.0 and a.max() <= 1.0):
+            found = "NaN or Inf" if not np.isfinite(a).all() else f"{a.min():g}..{a.max():g}"
+            raise InputError(f"a 32-bit float image (mode F) must hold values in [0, 1]; this one holds {found}: "
+                             "scale it to [0, 1] or to 8 bits (uint8) yourself")
+        return np.round(a * 255.0).astype(np.uint8)
+    if mode == "1":
+        return np.asarray(img.convert("L"))
+    if mode in ("LA", "La"):  # gray with alpha: the gray, unpremultiplied (La), alpha dropped
+        return np.asarray(img.convert("LA") if mode == "La" else img)[:, :, 0]
+    has_alpha = mode in ("PA", "RGBa") or (mode == "P" and "transparency" in img.info)
+    try:
+        return np.asarray(img.convert("RGBA" if has_alpha else "RGB"))
+    except ValueError as exc:  # a mode Pillow cannot convert to RGB
+        raise InputError(f"images of mode {mode} are not supported ({exc}); convert it to RGB first") from None
+
+
 def _to_uint8_hwc(item: Any) -> np.ndarray:
     """Accept a path, a PIL image or an HW / HWC uint8 array; return an HWC uint8 array."""
     if isinstance(item, (str, os.PathLike)):
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             with Image.open(item) as img:
                 img.load()
-                item = img.convert("RGB") if img.mode not in ("L", "RGB") else img.copy()
-        except (OSError, UnidentifiedImageError) as exc:
-            raise InputError(f"cannot read image {os.fspath(item)}: {exc}") from exc
+                item = _pil_to_array(img)
+        except InputError:
+            raise
+        except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, and
+            # DecompressionBombError (or its warning, when warnings are errors): each means this file cannot be used
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InputError(f"cannot read image {os.fspath(item)}: {reason}") from exc
     if hasattr(item, "mode") and hasattr(item, "size"):  # a PIL image
-        item = np.asarray(item.convert("RGB") if item.mode not in ("L", "RGB") else item)
+        item = _pil_to_array(item)
     if not isinstance(item, np.ndarray):
         raise InputError(f"expected an image path, a PIL image or a uint8 array, got {type(item).__name__}")
     if item.dtype != np.uint8:

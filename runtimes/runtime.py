@@ -8,6 +8,8 @@
 
 Needs numpy and one backend package; never torch. Inputs larger than the bundle's max batch are
 split into several calls. ``rt.thresholds`` can be overridden (None disables an exit).
+``rt.infer(items, errors="keep")`` runs every input it can and reports the others in
+``result.errors`` instead of raising for the whole list.
 """
 
 from __future__ import annotations
@@ -15,55 +17,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
 from runtimes.backends import Backend, get_backend
+from runtimes.backends.base import device_form
 from runtimes.bundle import Bundle, load_bundle
 from runtimes.chain import POLICIES, ChainOutput, RecordOutput, record_chain, run_chain, run_full
 from runtimes.errors import BackendUnavailableError, ConfigError, InputError
 from runtimes.preprocess import ImageTextSpec, make_encoder
+from runtimes.result import Prediction, Result
 
 __all__ = ["Runtime", "Result", "Prediction"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Prediction:
-    label: str
-    class_index: int
-    confidence: float
-    exit_index: int  # position in the bundle's exits; len(exits) means the final head
-    block: int  # 1-based block whose output decided: how exits are named (the model's depth for the final head)
-
-    @property
-    def exit(self) -> int:
-        """The same as ``exit_index`` (the name before exits were named by block everywhere)."""
-        return self.exit_index
-
-
-@dataclass
-class Result:
-    classes: np.ndarray
-    confidences: np.ndarray
-    exits: np.ndarray
-    labels: tuple[str, ...]
-    blocks: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)  # graph key -> seconds in this call
-    flagged: np.ndarray | None = None  # rows whose inputs held NaN or Inf (nonfinite="flag"); answers unreliable
-
-    def __len__(self) -> int:
-        return len(self.classes)
-
-    def __getitem__(self, i: int) -> Prediction:
-        c = int(self.classes[i])
-        return Prediction(self.labels[c], c, float(self.confidences[i]), int(self.exits[i]), int(self.blocks[i]))
-
-    def __iter__(self):
-        return (self[i] for i in range(len(self)))
 
 
 class Runtime:
@@ -83,14 +51,19 @@ class Runtime:
         self._exit_blocks = np.array([e.block for e in bundle.exits] + [bundle.num_blocks], dtype=np.int64)
         # (name, dtype, shape after the batch axis) per input, resolved once: the per-call checks do no parsing
         self._inputs = [(s.name, np.dtype(s.dtype), tuple(s.shape[1:])) for s in bundle.inputs]
+        self._closed = False
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | None = None,
              precision: str | None = None, policy: str = "per_sample", verify: bool = True,
              nonfinite: str = "error", **options: Any) -> "Runtime":
         """Load a bundle. ``backend``: auto (TensorRT when an engine set for this GPU exists and
-        loads, else ONNX Runtime), onnxruntime or tensorrt; ``device`` defaults to cuda for TensorRT
-        and cpu otherwise; extra options go to the backend."""
+        loads, else ONNX Runtime), onnxruntime or tensorrt; ``device``: "cpu", "cuda" or "cuda:N"
+        among those the backend takes (``Backend.devices``), by default cuda for TensorRT and cpu
+        otherwise; extra options go to the backend (ONNX Runtime's ``threads`` and ``head_threads``:
+        integers from 1 to 4 per CPU). Anything else is a ConfigError."""
+        if device is not None and device_form(device) is None:
+            raise ConfigError(f"device must be 'cpu', 'cuda' or 'cuda:N' (N: a GPU index), got {device!r}")
         bundle = load_bundle(path, verify=verify)
         if backend == "auto":
             has_engines = bundle.root is not None and (bundle.root / "engines").is_dir()
@@ -141,6 +114,16 @@ class Runtime:
 
         Vision-language bundles take ``(image, question)`` pairs, or images and ``question`` (one
         question for every image, or one per image)."""
+        self._open()
+        items = self._items(items, question)
+        return self._check(items) if isinstance(items, dict) else self._encode(items)
+
+    def _open(self) -> None:
+        if self._closed:
+            raise ConfigError("this runtime is closed: load the bundle again (Runtime.load) to run it")
+
+    def _items(self, items: Any, question: str | Sequence[str] | None) -> dict[str, np.ndarray] | list[Any]:
+        """A dict of arrays as it is, else the list of raw inputs the encoder takes (pairs when asked)."""
         pairs = isinstance(self.bundle.preprocess, ImageTextSpec)
         if question is not None and not pairs:
             raise InputError("question= applies to vision-language bundles only; this one takes "
@@ -148,21 +131,29 @@ class Runtime:
         if isinstance(items, dict):
             if question is not None:
                 raise InputError("question= cannot be combined with already-encoded arrays")
-            return self._check(items)
+            return items
         single = isinstance(items, (str, bytes, os.PathLike)) or (hasattr(items, "mode") and hasattr(items, "size")) \
             or (isinstance(items, np.ndarray) and items.ndim in (2, 3))  # a path, a PIL image or one array
         if single or (pairs and question is None and isinstance(items, tuple) and len(items) == 2
                       and isinstance(items[1], str)):
             items = [items]
+        if not isinstance(items, (list, tuple)) and not (isinstance(items, np.ndarray) and items.ndim):
+            raise InputError(f"inputs must be a path, an image, an array, a str or bytes, a dict of arrays, or a "
+                             f"non-empty list of those; got {type(items).__name__}")
         items = list(items)
         if not items:
             raise InputError("empty batch: give at least one input")
         if question is not None:
-            questions = [question] * len(items) if isinstance(question, (str, bytes)) else list(question)
+            if isinstance(question, (str, bytes)):
+                questions = [question] * len(items)
+            elif isinstance(question, (list, tuple)) and all(isinstance(q, (str, bytes)) for q in question):
+                questions = list(question)
+            else:
+                raise InputError(f"question= must be a str or a list of str, got {type(question).__name__}")
             if len(questions) != len(items):
                 raise InputError(f"{len(questions)} questions for {len(items)} images: give one, or one per image")
             items = list(zip(items, questions))
-        return self._encode(items)
+        return items
 
     def _check(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
@@ -188,20 +179,38 @@ class Runtime:
 
     # inference --------------------------------------------------------------------------------------------
     def infer(self, inputs: Any, policy: str | None = None, thresholds: Sequence[float | None] | None = None,
-              question: str | Sequence[str] | None = None) -> Result:
+              question: str | Sequence[str] | None = None, errors: str = "raise") -> Result:
         """Early-exit inference; batches larger than the bundle's max are split. ``thresholds``
         overrides ``rt.thresholds`` for this call only; ``question`` goes with image inputs to a
-        vision-language bundle (see ``encode``)."""
+        vision-language bundle (see ``encode``).
+
+        ``errors="raise"`` (default): the first input that cannot be read, encoded or run raises
+        its InputError for the whole call. ``errors="keep"``: every other input still runs;
+        ``result.errors`` maps each failed row to its InputError, that row holds class -1,
+        confidence NaN, exit -1 and block 0, ``result.ok`` masks the rows that ran, and
+        ``result[i]`` raises a failed row's error. What is wrong with the call itself (a closed
+        runtime, bad thresholds, a malformed dict of arrays) raises either way."""
+        self._open()
+        if errors not in ("raise", "keep"):
+            raise ConfigError(f"errors must be 'raise' or 'keep', got {errors!r}")
         th = self._thresholds if thresholds is None else self._checked(thresholds)
+        policy = policy or self.policy
+        if errors == "keep":
+            return self._infer_keeping(inputs, th, policy, question)
         arrays = self.encode(inputs, question)
-        flagged = self._nonfinite(arrays)
-        parts = [run_chain(self.backend, self.bundle, c, th, policy or self.policy) for c in self._chunks(arrays)]
+        bad = self._nonfinite_rows(arrays)
+        if bad is not None and self.nonfinite == "error":
+            rows = np.flatnonzero(bad)
+            raise InputError(f"{len(rows)} input row(s) contain NaN or Inf (rows {rows[:8].tolist()}); fix the input "
+                             "or load the runtime with nonfinite='flag' to run them and flag the results")
+        parts = [run_chain(self.backend, self.bundle, c, th, policy) for c in self._chunks(arrays)]
         result = self._result(parts)
-        result.flagged = flagged
+        if self.nonfinite == "flag":
+            result.flagged = np.zeros(len(result), dtype=bool) if bad is None else bad
         return result
 
-    def _nonfinite(self, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
-        """Rows holding NaN or Inf: an InputError by default, flagged in the result with nonfinite='flag'."""
+    def _nonfinite_rows(self, arrays: dict[str, np.ndarray]) -> np.ndarray | None:
+        """(B,) bool: the rows holding NaN or Inf; None when every row is finite."""
         bad = None
         for a in arrays.values():
             # min and max are finite exactly when every element is (NaN propagates through both); the
@@ -209,20 +218,79 @@ class Runtime:
             if a.dtype.kind == "f" and a.size and not (math.isfinite(a.min()) and math.isfinite(a.max())):
                 rows = ~np.isfinite(a.reshape(len(a), -1)).all(axis=1)
                 bad = rows if bad is None else bad | rows
-        if bad is None:
-            return None if self.nonfinite == "error" else np.zeros(len(next(iter(arrays.values()))), dtype=bool)
-        if self.nonfinite == "error":
-            rows = np.flatnonzero(bad)
-            raise InputError(f"{len(rows)} input row(s) contain NaN or Inf (rows {rows[:8].tolist()}); fix the input "
-                             "or load the runtime with nonfinite='flag' to run them and flag the results")
         return bad
+
+    def _infer_keeping(self, inputs: Any, th: list[float | None], policy: str,
+                       question: str | Sequence[str] | None) -> Result:
+        """``infer(..., errors="keep")``: a failing input costs its own row only."""
+        items = self._items(inputs, question)
+        errors: dict[int, InputError] = {}
+        if isinstance(items, dict):
+            arrays = self._check(items)
+            rows = np.arange(len(next(iter(arrays.values()))))
+        else:
+            arrays, rows = self._encode_each(items, errors)
+        n = len(rows) + len(errors)
+        bad = self._nonfinite_rows(arrays) if len(rows) else None
+        flagged = None if self.nonfinite == "error" else np.zeros(n, dtype=bool)
+        if bad is not None and flagged is not None:
+            flagged[rows] = bad
+        elif bad is not None:
+            errors.update((int(r), InputError("this input contains NaN or Inf")) for r in rows[bad])
+            arrays, rows = {k: v[~bad] for k, v in arrays.items()}, rows[~bad]
+        classes, confidences = np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
+        exits, timings = np.full(n, -1, dtype=np.int64), {}
+        step = self.bundle.batch.max
+        for start in range(0, len(rows), step):
+            chunk, where = {k: v[start:start + step] for k, v in arrays.items()}, rows[start:start + step]
+            for at, out in self._run_each(chunk, where, th, policy, errors):
+                classes[at], confidences[at], exits[at] = out.classes, out.confidences, out.exits
+                for k, v in out.timings.items():
+                    timings[k] = timings.get(k, 0.0) + v
+        blocks = np.where(exits >= 0, self._exit_blocks[exits], 0)
+        return Result(classes, confidences, exits, self.bundle.labels, blocks, timings, flagged,
+                      dict(sorted(errors.items())))
+
+    def _encode_each(self, items: list[Any], errors: dict[int, InputError]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Encode the list at once; if an input fails, one by one, so that the others still encode."""
+        try:
+            return self._encode(items), np.arange(len(items))
+        except InputError:
+            pass
+        parts, rows = [], []
+        for i, item in enumerate(items):
+            try:
+                parts.append(self._encode([item]))
+                rows.append(i)
+            except InputError as exc:
+                errors[i] = exc
+        arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+        return arrays, np.array(rows, dtype=np.int64)
+
+    def _run_each(self, chunk: dict[str, np.ndarray], where: np.ndarray, th: list[float | None], policy: str,
+                  errors: dict[int, InputError]) -> list[tuple[np.ndarray, ChainOutput]]:
+        """Run one chunk; if the backend rejects it, row by row, so that one input cannot sink the rest."""
+        try:
+            return [(where, run_chain(self.backend, self.bundle, chunk, th, policy))]
+        except InputError:
+            pass
+        out = []
+        for j, row in enumerate(where):
+            try:
+                out.append((where[j:j + 1], run_chain(self.backend, self.bundle,
+                                                      {k: v[j:j + 1] for k, v in chunk.items()}, th, policy)))
+            except InputError as exc:
+                errors[int(row)] = exc
+        return out
 
     def infer_full(self, inputs: Any) -> Result:
         """The monolithic graph (no early exit): the baseline."""
+        self._open()
         return self._result([run_full(self.backend, self.bundle, c) for c in self._chunks(self.encode(inputs))])
 
     def record(self, inputs: Any) -> RecordOutput:
         """Every exit's and the final head's confidence and prediction for every row."""
+        self._open()
         parts = [record_chain(self.backend, self.bundle, c) for c in self._chunks(self.encode(inputs))]
         return RecordOutput(np.concatenate([p.confidences for p in parts]),
                             np.concatenate([p.predictions for p in parts]))
@@ -242,7 +310,11 @@ class Runtime:
         return Result(classes, confidences, exits, self.bundle.labels, blocks, timings)
 
     def close(self) -> None:
-        self.backend.close()
+        """Release the backend's sessions, engines and buffers; closing twice is harmless. Any later
+        call is a ConfigError."""
+        if not self._closed:
+            self._closed = True
+            self.backend.close()
 
     def __enter__(self) -> "Runtime":
         return self

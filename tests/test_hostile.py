@@ -17,11 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from freedeploy.cli import cli
 from runtimes import Runtime
 from runtimes.bundle import load_bundle
-from runtimes.errors import BundleError, ConfigError, InputError
+from runtimes.errors import BundleError, ConfigError, DataError, InputError
 
 ROOT = Path(__file__).parents[1]
 
@@ -150,6 +151,17 @@ CLI_CASES = [
     (["calibrate", "{bundle}", "--max-disagreement", "2"], 2, "max-disagreement"),
     (["bench", "{bundle}", "--batch", "0"], 2, "positive"),
     (["nonsense"], 2, "No such command"),
+    (["run", "{bundle}", "a.png", "--device", "nope"], ConfigError.exit_code,
+     "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (["run", "{bundle}", "a.png", "--device", "cuda:x"], ConfigError.exit_code, "device must be 'cpu', 'cuda' or"),
+    (["run", "{bundle}", "a.png", "--backend", "tensorrt", "--device", "cpu"], ConfigError.exit_code,
+     "tensorrt backend runs on 'cuda' or 'cuda:N'"),
+    (["bench", "{bundle}", "--device", "nope"], ConfigError.exit_code, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (["calibrate", "{bundle}", "--device", "nope"], ConfigError.exit_code, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (["eval", "{bundle}", "--device", "gpu0"], ConfigError.exit_code, "device must be 'cpu', 'cuda' or 'cuda:N'"),
+    (["bench", "{bundle}", "--threads", "1000000"], ConfigError.exit_code, "threads must be an integer from 1 to"),
+    (["eval", "{bundle}", "--data", "text:/nonexistent/t.csv?encoding=nope"], DataError.exit_code,
+     "unknown text encoding 'nope'"),
 ]
 
 
@@ -160,6 +172,84 @@ def test_cli_user_errors_are_one_line(micro_bundle, args: list[str], code: int, 
     lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith(("benchmarking", "80 "))]
     assert res.exit_code == code, res.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr
+
+
+def _rejecting_uniform_images(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime rejects every batch holding a uniform image (one colour), as it rejects a value
+    no check before it can see."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+
+    run = onnxruntime.InferenceSession.run
+
+    def rejecting(self, outputs, feeds, *args, **kwargs):
+        x = feeds.get("pixel_values")
+        if x is not None and (np.ptp(x.reshape(len(x), -1), axis=1) == 0).any():
+            raise InvalidArgument("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : a value this model cannot take")
+        return run(self, outputs, feeds, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", rejecting)
+
+
+def test_one_bad_input_does_not_end_the_run(micro_bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.runtimes.test_preprocess import _png_claiming
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(tmp_path / f"good{i}.png")
+    deep = np.random.default_rng(1).integers(0, 65536, (16, 16), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # 16-bit gray: scaled, not clipped
+    Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(tmp_path / "uniform.png")  # rejected by ONNX Runtime
+    _png_claiming(tmp_path / "bomb.png", 100_000, 100_000)  # refused by Pillow's decompression-bomb check
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
+    names = ["good0.png", "bomb.png", "missing.png", "uniform.png", "broken.png", "deep.png", "good1.png"]
+    args = ["run", str(micro_bundle.out), *(str(tmp_path / n) for n in names), "--thresholds", "off,off"]
+    _rejecting_uniform_images(monkeypatch)
+
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == InputError.exit_code and not isinstance(res.exception, (AssertionError, TypeError))
+    assert "Traceback" not in res.stderr + res.stdout
+    assert [line.split(":")[0].rsplit("/", 1)[-1] for line in res.stdout.splitlines()] == \
+        ["good0.png", "deep.png", "good1.png"]
+    errors = {line.split(": error: ")[0].rsplit("/", 1)[-1]: line.split(": error: ")[1]
+              for line in res.stderr.splitlines()}
+    assert sorted(errors) == ["bomb.png", "broken.png", "missing.png", "uniform.png"]
+    assert "decompression bomb" in errors["bomb.png"] and "does not exist" in errors["missing.png"]
+    assert "ONNX Runtime rejected the input" in errors["uniform.png"] and "cannot read image" in errors["broken.png"]
+
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == InputError.exit_code
+    rows = json.loads(res.stdout)
+    assert [r["input"].rsplit("/", 1)[-1] for r in rows] == names
+    assert [("error" in r) for r in rows] == [False, True, True, True, True, False, False]
+    assert rows[0]["exit_index"] == 2 and rows[0]["block"] == rows[-1]["block"] and "label" in rows[-1]
+    assert all(r["error"]["type"] == "InputError" and r["error"]["exit_code"] == InputError.exit_code
+               for r in rows if "error" in r)
+    assert "ONNX Runtime rejected the input" in rows[3]["error"]["message"]
+    assert len(res.stderr.strip().splitlines()) == 4  # every failed input also gets its line on stderr
+
+
+def test_results_so_far_are_printed_when_a_run_stops(micro_bundle, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An error that is not one input's (here a backend that breaks down) stops the run with its own
+    code, after the JSON of the inputs already done."""
+    from runtimes.backends.onnxruntime import OrtBackend
+
+    for i in range(3):
+        Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    run, calls = OrtBackend.run, []
+
+    def failing(self, graph, state):
+        calls.append(graph)
+        if calls.count("segment_0") == 3:
+            raise BundleError("the backend broke down")
+        return run(self, graph, state)
+
+    monkeypatch.setattr(OrtBackend, "run", failing)
+    res = CliRunner().invoke(cli, ["run", str(micro_bundle.out), *(str(tmp_path / f"{i}.png") for i in range(3)),
+                                   "--json"])
+    assert res.exit_code == BundleError.exit_code and res.stderr.strip() == "error: the backend broke down"
+    assert [r["input"].rsplit("/", 1)[-1] for r in json.loads(res.stdout)] == ["0.png", "1.png"]
 
 
 def _kill_when(cmd: list[str], marker: str, timeout: float = 300) -> int:

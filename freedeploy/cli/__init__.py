@@ -9,10 +9,13 @@ on a box without torch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
-from typing import Any, Sequence
+import threading
+from typing import Any, Iterator, Sequence
 
 import click
 
@@ -22,6 +25,28 @@ from runtimes.errors import FreedeployError
 __all__ = ["cli", "main"]
 
 INTERRUPTED_EXIT = 130
+TERMINATED_EXIT = 143  # 128 + SIGTERM, as a shell reports a terminated process
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that every cleanup runs as for Ctrl-C (a
+    half-written output is removed, a lock released) before the process exits."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_as_exception() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class FreedeployGroup(click.Group):
@@ -31,10 +56,16 @@ class FreedeployGroup(click.Group):
         args = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in args or os.environ.get("FREEDEPLOY_DEBUG") == "1"
         try:
-            rv = super().main(args=args, prog_name=prog_name or "freedeploy", standalone_mode=False, **extra)
+            with _sigterm_as_exception():
+                rv = super().main(args=args, prog_name=prog_name or "freedeploy", standalone_mode=False, **extra)
             if isinstance(rv, int) and not isinstance(rv, bool):  # click returns Exit codes when not standalone
                 sys.exit(rv)
             return rv
+        except Terminated:
+            if debug:
+                raise
+            click.echo("error: terminated", err=True)
+            sys.exit(TERMINATED_EXIT)
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
         except click.exceptions.Abort:

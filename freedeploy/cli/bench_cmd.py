@@ -45,7 +45,8 @@ def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("--device", help="cpu, cuda or cuda:N [default: cuda for TensorRT, else cpu]")
 @click.option("--precision", type=click.Choice(PRECISION_CHOICES))
-@click.option("--threads", type=click.IntRange(1), help="ONNX Runtime intra-op threads [default: all cores, max 8].")
+@click.option("--threads", type=click.IntRange(1),
+              help="ONNX Runtime intra-op threads, 1 to 4 per CPU [default: all cores, max 8].")
 @click.option("--spin/--no-spin", default=True, show_default=True,
               help="ONNX Runtime CPU threads spin-wait between the operators of a run (they stop when it returns).")
 @click.option("--runs", type=click.IntRange(10), default=200, show_default=True, help="Batch-1 rounds per variant.")

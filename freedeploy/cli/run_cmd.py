@@ -87,7 +87,8 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
 @click.option("--policy", type=click.Choice(["per_sample", "batch"]), default="per_sample", show_default=True)
 @click.option("--max-frames", type=click.IntRange(1), help="Stop a video or camera after this many frames.")
 @click.option("--question", help="Vision-language bundles: the question asked about every image.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON list on stdout.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON list on stdout, a row per input: its result, or its error (see above).")
 def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | None, precision: str | None,
         thresholds: list[float | None] | None, policy: str, max_frames: int | None, question: str | None,
         as_json: bool) -> None:
@@ -96,11 +97,16 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
 
     Prints one line per input, naming the block whose output decided ('exit at block 2 of 8',
     'final head (block 8)'); --json rows carry it as "block", beside "exit_index" (the exit's
-    position in the bundle; the number of exits means the final head). Unreadable inputs get an
-    error line, the rest still run, and the command exits with code 10 at the end.
+    position in the bundle; the number of exits means the final head).
+
+    An input that cannot be read, decoded or run gets its own line on stderr, 'NAME: error:
+    ...'; every other input still runs, and the command exits with code 10 at the end. In the
+    --json list such an input's row is {"input": NAME, "error": {"type": "InputError",
+    "exit_code": 10, "message": "..."}} in its place among the results. Results computed so
+    far are printed even when the run stops early (Ctrl-C, a failing backend).
     """
     from runtimes import Runtime
-    from runtimes.errors import ConfigError, FreedeployError, InputError
+    from runtimes.errors import ConfigError, InputError
     from runtimes.preprocess import ImageTextSpec, TextSpec
 
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, policy=policy)
@@ -113,26 +119,31 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
     if question is not None and not asks:
         raise ConfigError(f"--question applies to vision-language bundles; {rt.bundle.name!r} takes "
                          f"{rt.bundle.preprocess.kind} inputs")
-    records, failed = [], 0
-    for name, item in _sources(inputs, text, max_frames):
-        try:
-            if isinstance(item, Exception):
-                raise InputError(str(item))
-            p = rt.infer([item], question=question)[0]
-        except FreedeployError as exc:
-            failed += 1
-            records.append({"input": name, "error": str(exc)})
+    asked = {"question": question} if asks else {}
+    records: list[dict[str, Any]] = []
+    failed = 0
+    try:
+        for name, item in _sources(inputs, text, max_frames):
+            try:
+                if isinstance(item, Exception):
+                    raise InputError(str(item))
+                p = rt.infer([item], question=question)[0]
+            except InputError as exc:  # this input only: the others still run
+                failed += 1
+                message = " ".join(str(exc).split())
+                records.append({"input": name, **asked,
+                                "error": {"type": type(exc).__name__, "exit_code": exc.exit_code, "message": message}})
+                click.echo(f"{name}: error: {message}", err=True)
+                continue
+            records.append({"input": name, **asked, "label": p.label, "class": p.class_index,
+                            "confidence": round(p.confidence, 6), "block": p.block, "exit_index": p.exit_index})
             if not as_json:
-                click.echo(f"{name}: error: {exc}", err=True)
-            continue
-        rec = {"input": name, **({"question": question} if asks else {}), "label": p.label, "class": p.class_index,
-               "confidence": round(p.confidence, 6), "block": p.block, "exit_index": p.exit_index}
-        records.append(rec)
-        if not as_json:
-            where = (f"final head (block {p.block})" if p.exit_index == len(rt.bundle.exits)
-                     else f"exit at block {p.block} of {rt.bundle.num_blocks}")
-            click.echo(f"{name}: {p.label}  (confidence {p.confidence:.3f}, {where})")
-    if as_json:
-        emit_json(records)
+                where = (f"final head (block {p.block})" if p.exit_index == len(rt.bundle.exits)
+                         else f"exit at block {p.block} of {rt.bundle.num_blocks}")
+                click.echo(f"{name}: {p.label}  (confidence {p.confidence:.3f}, {where})")
+    finally:  # a run cut short (Ctrl-C on a camera, a failing backend) still reports what it computed
+        if as_json:
+            emit_json(records)
+        rt.close()
     if failed:
         raise click.exceptions.Exit(InputError.exit_code)

@@ -16,6 +16,7 @@ buffers for TensorRT); only what the loop decides on crosses to the host. Graph 
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Sequence
 
@@ -24,20 +25,40 @@ import numpy as np
 from runtimes.bundle import Bundle
 from runtimes.errors import ConfigError
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "device_form"]
+
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+def device_form(device: object) -> str | None:
+    """Which form a device string has: "cpu", "cuda" or "cuda:N"; None when it has none of them."""
+    m = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    return None if m is None else "cuda:N" if m[1] else m[0]
 
 
 class Backend(ABC):
     name: ClassVar[str]
-    # which device strings the backend accepts, e.g. ("cpu", "cuda", "cuda:0")
+    # the forms of device string the backend accepts: "cpu", "cuda", "cuda:N" (N: a GPU index)
     devices: ClassVar[tuple[str, ...]] = ("cpu",)
     # the keyword options the backend takes, or None for any (kept in ``self.options``)
     takes: ClassVar[tuple[str, ...] | None] = None
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", **options: Any) -> None:
+        self.check_device(device)
         if precision not in bundle.precisions:
             raise ConfigError(f"bundle {bundle.name!r} has no {precision} graphs; it has {', '.join(bundle.precisions)}")
         self.bundle, self.precision, self.device, self.options = bundle, precision, device, options
+
+    @classmethod
+    def check_device(cls, device: object) -> None:
+        """A ConfigError naming the forms in ``devices`` unless ``device`` has one of them. Whether
+        that device exists is the backend's to say (BackendUnavailableError, or ConfigError for cuda:N)."""
+        if device_form(device) not in cls.devices:
+            forms = [repr(d) for d in cls.devices]
+            named = forms[0] if len(forms) == 1 else f"{', '.join(forms[:-1])} or {forms[-1]}"
+            gpu = " (N: a GPU index)" if "cuda:N" in cls.devices else ""
+            raise ConfigError(f"the {cls.name} backend runs on {named}{gpu}, not {device!r}")
 
     @abstractmethod
     def start(self, inputs: dict[str, np.ndarray]) -> Any:

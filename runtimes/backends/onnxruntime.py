@@ -28,6 +28,7 @@ I/O binding; compaction there goes through the host (a copy of the surviving row
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from typing import Any, Sequence
 
@@ -35,9 +36,9 @@ import numpy as np
 
 from runtimes.backends.base import Backend
 from runtimes.bundle import Bundle
-from runtimes.errors import BackendUnavailableError, ConfigError
+from runtimes.errors import BackendUnavailableError, ConfigError, InputError
 
-__all__ = ["OrtBackend"]
+__all__ = ["OrtBackend", "max_threads"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,27 @@ def _import_ort() -> Any:
             "the onnxruntime backend needs ONNX Runtime: pip install onnxruntime (CPU) or onnxruntime-gpu "
             "(CUDA; never both in one environment)") from exc
     return onnxruntime
+
+
+def max_threads() -> int:
+    """The most intra-op threads a session may ask for: 4 per CPU. More only oversubscribes the cores,
+    and every session of a chain starts its own pool (1,000 threads took minutes to load)."""
+    return 4 * (os.cpu_count() or 1)
+
+
+def _thread_count(name: str, value: object, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= max_threads():
+        raise ConfigError(f"{name} must be an integer from 1 to {max_threads()} (4 per CPU), got {value!r}")
+    return int(value)
+
+
+def _run_errors(ort: Any) -> tuple[type[Exception], ...]:
+    """The exception types ONNX Runtime raises from a run (they share no base class but Exception)."""
+    module = getattr(getattr(ort, "capi", None), "onnxruntime_pybind11_state", None)
+    found = [v for v in vars(module).values() if isinstance(v, type) and issubclass(v, Exception)] if module else []
+    return (RuntimeError, *found)
 
 
 def _global_pool(ort: Any, threads: int) -> bool:
@@ -86,7 +108,7 @@ def _shared_arena(ort: Any) -> bool:
 
 class OrtBackend(Backend):
     name = "onnxruntime"
-    devices = ("cpu", "cuda")
+    devices = ("cpu", "cuda", "cuda:N")
     takes = ("threads", "head_threads", "spinning", "graphs", "session_config", "optimization", "shared_pool")
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu", threads: int | None = None,
@@ -96,17 +118,17 @@ class OrtBackend(Backend):
         if options:  # a misspelt setting must not pass silently
             raise ConfigError(f"the onnxruntime backend takes {', '.join(self.takes)}, not {', '.join(sorted(options))}")
         super().__init__(bundle, precision, device)
+        self.threads = _thread_count("threads", threads, min(os.cpu_count() or 1, 8))
+        # cls-query exit heads do a few tiny matrix products: waking a second thread costs more than
+        # it saves (measured: 0.31 vs 0.52 ms per head at batch 1 on 2 cores), so they run on one
+        self.head_threads = _thread_count("head_threads", head_threads, 1)
         ort = _import_ort()
-        self._ort = ort
+        self._ort, self._run_errors = ort, _run_errors(ort)
         self.cuda = device.startswith("cuda")
         if self.cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
             raise BackendUnavailableError("device cuda needs onnxruntime-gpu (with CUDA and cuDNN); this onnxruntime "
                                           f"offers {ort.get_available_providers()}")
         self.device_id = int(device.split(":")[1]) if ":" in device else 0
-        self.threads = threads or min(os.cpu_count() or 1, 8)
-        # cls-query exit heads do a few tiny matrix products: waking a second thread costs more than
-        # it saves (measured: 0.31 vs 0.52 ms per head at batch 1 on 2 cores), so they run on one
-        self.head_threads = head_threads or 1
         self.spinning = spinning
         self.shared_pool = shared_pool and not self.cuda and _global_pool(ort, self.threads)
         self.shared_arena = not self.cuda and _shared_arena(ort)
@@ -158,15 +180,19 @@ class OrtBackend(Backend):
     def run(self, graph: str, state: dict[str, Any]) -> None:
         sess = self.sessions[graph]
         inputs, outputs = self._io[graph]
-        if not self.cuda:
-            state.update(zip(outputs, sess.run(outputs, {n: state[n] for n in inputs})))
-            return
-        binding = sess.io_binding()
-        for n in inputs:
-            binding.bind_ortvalue_input(n, state[n])
-        for n in outputs:
-            binding.bind_output(n, "cuda", self.device_id)
-        sess.run_with_iobinding(binding)
+        try:
+            if not self.cuda:
+                state.update(zip(outputs, sess.run(outputs, {n: state[n] for n in inputs})))
+                return
+            binding = sess.io_binding()
+            for n in inputs:
+                binding.bind_ortvalue_input(n, state[n])
+            for n in outputs:
+                binding.bind_output(n, "cuda", self.device_id)
+            sess.run_with_iobinding(binding)
+        except self._run_errors as exc:  # the graph loaded and the inputs passed their checks: their values failed
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise InputError(f"ONNX Runtime rejected the input in {graph}: {reason}") from exc
         state.update(zip(outputs, binding.get_outputs()))
 
     def fetch(self, state: dict[str, Any], names: Sequence[str]) -> dict[str, np.ndarray]:

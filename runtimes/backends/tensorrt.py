@@ -94,7 +94,7 @@ class _State:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    devices = ("cuda", *(f"cuda:{i}" for i in range(8)))
+    devices = ("cuda", "cuda:N")
     takes = ("engine_dir", "cuda_graphs")
 
     def __init__(self, bundle: Bundle, precision: str = "fp16", device: str = "cuda", engine_dir: str | None = None,

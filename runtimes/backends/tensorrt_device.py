@@ -6,7 +6,6 @@ tensorrt and cuda-bindings are imported only inside functions, with install guid
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re

@@ -106,3 +106,11 @@ def test_limit_gives_a_fixed_stratified_subset() -> None:
         load_dataset("digits?limit=ten")
     with pytest.raises(ConfigError, match="unknown option"):
         load_dataset("digits?text=x")
+
+
+@pytest.mark.parametrize("encoding", ["nope", "rot13", ""])
+def test_an_unknown_text_encoding_is_a_data_error(tmp_path: Path, encoding: str) -> None:
+    p = tmp_path / "d.csv"
+    p.write_text("text,label\nhello,a\nbye,b\n")
+    with pytest.raises(DataError, match=f"unknown text encoding '{encoding}'"):
+        load_dataset(f"text:{p}?encoding={encoding}")

@@ -1,0 +1,63 @@
+"""What ``Runtime.infer`` returns: per-row arrays (``Result``) and one row as a record (``Prediction``).
+
+Exits are named by the block whose output they read (``block``); ``exit_index`` is the exit's
+position in the bundle (the number of exits means the final head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from runtimes.errors import InputError
+
+__all__ = ["Prediction", "Result"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    class_index: int
+    confidence: float
+    exit_index: int  # position in the bundle's exits; len(exits) means the final head
+    block: int  # 1-based block whose output decided: how exits are named (the model's depth for the final head)
+
+    @property
+    def exit(self) -> int:
+        """The same as ``exit_index`` (the name before exits were named by block everywhere)."""
+        return self.exit_index
+
+
+@dataclass
+class Result:
+    classes: np.ndarray
+    confidences: np.ndarray
+    exits: np.ndarray
+    labels: tuple[str, ...]
+    blocks: np.ndarray
+    timings: dict[str, float] = field(default_factory=dict)  # graph key -> seconds in this call
+    flagged: np.ndarray | None = None  # rows whose inputs held NaN or Inf (nonfinite="flag"); answers unreliable
+    # errors="keep": row -> why that input did not run; its row holds class -1, confidence NaN, exit -1, block 0
+    errors: dict[int, InputError] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    @property
+    def ok(self) -> np.ndarray:
+        """(B,) bool: the rows that ran (all of them unless ``infer(..., errors="keep")`` kept a failure)."""
+        ok = np.ones(len(self), dtype=bool)
+        ok[list(self.errors)] = False
+        return ok
+
+    def __getitem__(self, i: int) -> Prediction:
+        """Row ``i``'s answer; a row that failed under ``errors="keep"`` raises its InputError."""
+        row = i + len(self) if i < 0 else i
+        if row in self.errors:
+            raise self.errors[row]
+        c = int(self.classes[i])
+        return Prediction(self.labels[c], c, float(self.confidences[i]), int(self.exits[i]), int(self.blocks[i]))
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
