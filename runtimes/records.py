@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from runtimes.errors import BundleError, FreedeployError
 from runtimes.typed import from_dict, to_dict
 
-__all__ = ["PRECISIONS", "StageCosts", "Certificate", "GraphBuild", "EngineSet", "FileCheck", "Mismatch",
+__all__ = ["PRECISIONS", "StageCosts", "ExitChoice", "Certificate", "GraphBuild", "EngineSet", "FileCheck", "Mismatch",
            "ChainParity", "PrecisionCheck", "ValidationReport", "read_json_record", "BUILD_SCHEMA", "VALIDATION_FILE",
            "check_thresholds", "schemas"]
 
@@ -62,6 +62,27 @@ class StageCosts(_Record):
 
 
 @dataclass(frozen=True)
+class ExitChoice(_Record):
+    """``calibrate --select-exits``: exits switched off and the path, chosen on a random selection
+    split of the calibration set; the certificate's p-value comes from the disjoint rest."""
+
+    seed: int  # of the random permutation that split the calibration set
+    selection_fraction: float
+    n_selection: int  # samples that chose the exits and the path
+    n_certification: int  # samples that certified them (pvalue, tightest_tolerance, calibration_risk)
+    exits_on: tuple[int, ...]  # by the block each exit reads
+    exits_off: tuple[int, ...]  # by block; their thresholds are null and their heads are not run
+    rule: str  # how the selection split chose, in words
+    target_risk: float  # the selection-split risk the chosen sequence's points stayed at or below
+    tightest_tolerance_without_split: float  # what all n samples could certify without selecting exits
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if self.n_selection < 1 or self.n_certification < 1 or not 0.0 < self.selection_fraction < 1.0:
+            raise error(f"{where}: a split needs n_selection, n_certification >= 1 and selection_fraction in "
+                        f"(0, 1), found {self.n_selection}, {self.n_certification}, {self.selection_fraction}")
+
+
+@dataclass(frozen=True)
 class Certificate(_Record):
     """What ``freedeploy calibrate`` promised, and on what: with probability at least 1 - epsilon
     over the calibration draw, the loss (disagreement with the full model, or accuracy drop with
@@ -77,10 +98,10 @@ class Certificate(_Record):
     loss: str = ""  # what delta bounds, in words
     pvalue: float | None = None
     certified_candidates: int | None = None
-    tightest_tolerance: float | None = None  # the smallest delta this n could certify
+    tightest_tolerance: float | None = None  # the smallest delta the certifying samples could certify
     latency_budget_ms: float | None = None
     risk_upper_bound: float | None = None  # latency-budget mode: the bound on the loss
-    calibration_risk: float | None = None  # empirical loss on the calibration set
+    calibration_risk: float | None = None  # empirical loss on the certifying samples
     expected_latency_ms: float | None = None
     expected_speedup: float | None = None
     exit_share: Mapping[str, float] = field(default_factory=dict)  # samples leaving per exit, by block, and "final"
@@ -90,8 +111,12 @@ class Certificate(_Record):
     backend: Mapping[str, Any] = field(default_factory=dict)  # Backend.describe() where it was measured
     data: Mapping[str, Any] = field(default_factory=dict)  # data set and split it was measured on
     calibrated: str = ""  # ISO 8601 time
+    exit_selection: ExitChoice | None = None  # None: no exits selected; all n samples certify
 
     def check(self, where: str, error: _Error = BundleError) -> None:
+        if self.exit_selection is not None and (
+                self.exit_selection.n_selection + self.exit_selection.n_certification != self.n):
+            raise error(f"{where}: the selection and certification splits must add up to n={self.n}")
         if self.n < 1 or not 0.0 < self.epsilon < 1.0:
             raise error(f"{where}: a certificate needs n >= 1 and epsilon in (0, 1), found n={self.n}, "
                         f"epsilon={self.epsilon}")

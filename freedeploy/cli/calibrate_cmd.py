@@ -44,27 +44,46 @@ def _load(bundle_dir: str, data_spec: str | None, split: str, backend: str, devi
 @click.option("--latency-budget-ms", type=click.FloatRange(0, min_open=True),
               help="Instead of a tolerance: the most accurate thresholds whose expected latency fits, with a bound.")
 @click.option("--paths", default="shared", show_default=True,
-              help="Threshold shapes to search (shared, strict-early; comma-separated). More paths split epsilon.")
+              help="Threshold shapes to search (shared, strict-early; comma-separated). More paths split epsilon, "
+              "except with --select-exits, which picks one on its selection split.")
+@click.option("--select-exits", is_flag=True,
+              help="Also switch off exits that do not pay for their heads: choose the exits kept and the path on a "
+              "random part of the calibration data and certify them on the rest, which the choice never saw. Off "
+              "by default: fewer samples certify, so the tightest certifiable tolerance rises (reported).")
+@click.option("--selection-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="With --select-exits: the share of samples that choose the exits [default: 0.3].")
+@click.option("--selection-seed", type=click.IntRange(min=0),
+              help="With --select-exits: seed of the random split [default: 0].")
 @click.option("--json", "as_json", is_flag=True)
 def calibrate(bundle_dir: str, data_spec: str | None, split: str | None, backend: str, device: str | None,
               precision: str | None, delta: float, epsilon: float, use_labels: bool,
-              latency_budget_ms: float | None, paths: str, as_json: bool) -> None:
+              latency_budget_ms: float | None, paths: str, select_exits: bool, selection_fraction: float | None,
+              selection_seed: int | None, as_json: bool) -> None:
     """Certified exit thresholds (Learn-then-Test), written into the bundle with their certificate."""
     from calibration.calibrate import calibrate_runtime, write_calibration
 
+    if not select_exits and (selection_fraction is not None or selection_seed is not None):
+        raise click.UsageError("--selection-fraction and --selection-seed apply to --select-exits only")
+    if select_exits and latency_budget_ms is not None:
+        raise click.UsageError("--select-exits certifies a tolerance; it does not combine with --latency-budget-ms")
     split = split or "val"
     rt, data, idx, inputs = _load(bundle_dir, data_spec, split, backend, device, precision)
     certificate = calibrate_runtime(rt, inputs, delta, epsilon, labels=data.labels[idx] if use_labels else None,
                              latency_budget_ms=latency_budget_ms, data={"spec": data.spec, "split": split},
-                             paths=tuple(p.strip() for p in paths.split(",") if p.strip()))
+                             paths=tuple(p.strip() for p in paths.split(",") if p.strip()),
+                             select_exits=select_exits,
+                             selection_fraction=0.3 if selection_fraction is None else selection_fraction,
+                             selection_seed=0 if selection_seed is None else selection_seed)
     rt.close()
     write_calibration(bundle_dir, certificate)
     cert = certificate.to_dict()
     if as_json:
         emit_json(cert)
         return
-    th = ", ".join(f"{t:.4f}" for t in cert["thresholds"])
+    th = ", ".join("off" if t is None else f"{t:.4f}" for t in cert["thresholds"])
     click.echo(f"thresholds: {th}  (path {cert['path']}, {cert['key']})")
+    if cert["exit_selection"] is not None:
+        click.echo(selection_summary(cert))
     if cert["delta"] is not None:
         click.echo(f"certificate: {cert['loss']} <= {100 * cert['delta']:g}% with probability >= "
                    f"{1 - cert['epsilon']:g} (n = {cert['n']}, calibration risk {100 * cert['calibration_risk']:.2f}%, "
@@ -76,6 +95,20 @@ def calibrate(bundle_dir: str, data_spec: str | None, split: str | None, backend
                f"{cert['expected_speedup']:.2f}x over the monolithic graph; exits taken: "
                + ", ".join(f"{exit_name(k)}: {100 * h:.1f}%" for k, h in cert["exit_share"].items()))
     click.echo(f"next: freedeploy eval {bundle_dir}")
+
+
+def selection_summary(cert: dict[str, Any]) -> str:
+    """What ``--select-exits`` chose, on how many samples, and what the split cost."""
+    s = cert["exit_selection"]
+    return (f"exits kept: blocks {_blocks(s['exits_on'])}; off: {_blocks(s['exits_off'])}  (chosen on "
+            f"{s['n_selection']} samples, seed {s['seed']}; certified on the other {s['n_certification']})\n"
+            f"the split's cost: the tightest certifiable tolerance is {100 * cert['tightest_tolerance']:.2f}% with "
+            f"{s['n_certification']} certification samples, {100 * s['tightest_tolerance_without_split']:.2f}% "
+            f"with all {cert['n']}")
+
+
+def _blocks(blocks: list[int]) -> str:
+    return ", ".join(str(b) for b in blocks) or "none"
 
 
 @click.command("eval")
@@ -112,8 +145,11 @@ def eval_summary(m: dict[str, Any]) -> str:
         lines.append("certificate: none for this backend and precision (run freedeploy calibrate)")
     elif cert.get("delta") is not None:
         measured = m["accuracy_drop"] if cert["mode"] == "labels" else m["disagreement_with_full"]
+        split = cert.get("exit_selection")
+        n = f"{cert['n']}" if split is None else (f"{cert['n']}: {split['n_selection']} chose the exits, "
+                                                  f"{split['n_certification']} certified")
         lines.append(f"certificate: {cert['loss']} <= {100 * cert['delta']:g}% with probability >= "
-                     f"{1 - cert['epsilon']:g} (n = {cert['n']}); measured here: {100 * measured:.2f}%")
+                     f"{1 - cert['epsilon']:g} (n = {n}); measured here: {100 * measured:.2f}%")
     else:
         lines.append(f"certificate: latency budget {cert['latency_budget_ms']:g} ms, risk bound "
                      f"{100 * cert['risk_upper_bound']:.2f}%")

@@ -132,8 +132,8 @@ class OrtBackend(Backend):
         self.spinning = spinning
         self.shared_pool = shared_pool and not self.cuda and _global_pool(ort, self.threads)
         self.shared_arena = not self.cuda and _shared_arena(ort)
-        self.sessions = {key: self._session(key, session_config or {}, optimization)
-                         for key in (graphs or bundle.graph_keys())}
+        self._config, self._optimization = dict(session_config or {}), optimization
+        self.sessions = {key: self._session(key) for key in (graphs or bundle.graph_keys())}
         # tensor names per graph, looked up once: the hot path does no string work
         self._io = {key: ([t.name for t in bundle.graph(key).inputs], [t.name for t in bundle.graph(key).outputs])
                     for key in self.sessions}
@@ -142,34 +142,39 @@ class OrtBackend(Backend):
         one_token = {e.graph.key for e in self.bundle.exits if e.head == "cls-query"}
         return self.head_threads if key in one_token else self.threads
 
-    def _session(self, key: str, config: dict[str, str], optimization: str) -> Any:
-        ort = self._ort
-        opts = ort.SessionOptions()
-        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
-        if optimization not in levels:
-            raise ConfigError(f"optimization must be one of {sorted(levels)}, got {optimization!r}")
-        opts.graph_optimization_level = levels[optimization]
-        opts.log_severity_level = 3
-        if self.shared_pool:
-            opts.use_per_session_threads = False
-        else:
-            opts.intra_op_num_threads = self._threads_for(key)
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
-            opts.add_session_config_entry("session.force_spinning_stop", "1")
-        if self.shared_arena:
-            opts.add_session_config_entry("session.use_env_allocators", "1")
-        for k, v in config.items():
-            opts.add_session_config_entry(k, v)
-        providers = ([("CUDAExecutionProvider", {"device_id": self.device_id})] if self.cuda else []) + \
-            ["CPUExecutionProvider"]
+    def _session(self, key: str) -> Any:
         path = self.bundle.path(self.bundle.graph(key).files[self.precision])
         try:
-            return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            return self.open_session(path, self._threads_for(key))
         except Exception as exc:  # ORT raises its own exception types for unreadable models
             from runtimes.errors import BundleError
 
             raise BundleError(f"ONNX Runtime cannot load {path.name} ({key}): {str(exc).splitlines()[0]}") from exc
+
+    def open_session(self, path: str | os.PathLike, threads: int | None = None) -> Any:
+        """An ONNX Runtime session for any ONNX file, set up exactly as this backend's own (threads,
+        spinning, shared arena, providers): what measurements of other graphs compare against."""
+        ort = self._ort
+        opts = ort.SessionOptions()
+        levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+        if self._optimization not in levels:
+            raise ConfigError(f"optimization must be one of {sorted(levels)}, got {self._optimization!r}")
+        opts.graph_optimization_level = levels[self._optimization]
+        opts.log_severity_level = 3
+        if self.shared_pool:
+            opts.use_per_session_threads = False
+        else:
+            opts.intra_op_num_threads = threads or self.threads
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spinning else "0")
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
+        if self.shared_arena:
+            opts.add_session_config_entry("session.use_env_allocators", "1")
+        for k, v in self._config.items():
+            opts.add_session_config_entry(k, v)
+        providers = ([("CUDAExecutionProvider", {"device_id": self.device_id})] if self.cuda else []) + \
+            ["CPUExecutionProvider"]
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
 
     def start(self, inputs: dict[str, np.ndarray]) -> dict[str, Any]:
         state = dict(inputs)

@@ -77,3 +77,40 @@ def test_inspect_and_run(bundle_dir: Path, tmp_path: Path) -> None:
     assert rows[0]["exit_index"] == 0 and rows[0]["label"] in {str(i) for i in range(10)}
     folder = _cli(["run", str(bundle_dir), str(tmp_path), "--thresholds", "off,off"])
     assert folder.stdout.count("final head") == 3 and "broken.png: error" in folder.stderr
+
+
+def test_select_exits_switches_off_an_exit_that_does_not_pay(bundle_dir: Path, monkeypatch) -> None:
+    from runtimes.records import StageCosts
+
+    # the head after block 3 costs far more than the one segment it could save: it cannot pay
+    monkeypatch.setattr("calibration.calibrate.measure_costs",
+                        lambda *args, **kwargs: StageCosts((1.0, 1.0, 1.0), (0.1, 100.0), 3.0))
+    args = ["calibrate", str(bundle_dir), "--max-disagreement", "0.3", "--epsilon", "0.1", "--select-exits"]
+    text = _cli(args)
+    assert text.exit_code == 0, text.stderr
+    assert "exits kept: blocks 1; off: 3" in text.stdout and "thresholds: " in text.stdout and ", off " in text.stdout
+    assert "with 56 certification samples" in text.stdout and "with all 80" in text.stdout
+    res = _cli(args + ["--json"])
+    assert res.exit_code == 0, res.stderr
+    cert = json.loads(res.stdout)
+    choice = cert["exit_selection"]
+    assert (choice["exits_on"], choice["exits_off"]) == ([1], [3])
+    assert (choice["n_selection"], choice["n_certification"]) == (24, 56)
+    assert cert["n"] == 80 and cert["tightest_tolerance"] > choice["tightest_tolerance_without_split"]
+    assert "certification split of 56" in cert["method"] and "seed 0" in cert["method"]
+    assert cert["thresholds"][0] is not None and cert["thresholds"][1] is None
+    b = load_bundle(bundle_dir)
+    assert b.thresholds == tuple(cert["thresholds"])
+    assert b.calibration["onnxruntime-fp32"].exit_selection.exits_off == (3,)
+    ev = _cli(["eval", str(bundle_dir), "--json"])
+    assert ev.exit_code == 0, ev.stderr
+    m = json.loads(ev.stdout)
+    assert m["thresholds"][1] is None and m["exit_histogram"]["3"] == 0 and sum(m["exit_histogram"].values()) == 80
+    assert "(n = 80: 24 chose the exits, 56 certified)" in _cli(["eval", str(bundle_dir)]).stdout
+
+
+def test_selection_options_need_select_exits(bundle_dir: Path) -> None:
+    res = _cli(["calibrate", str(bundle_dir), "--selection-seed", "3"])
+    assert res.exit_code == 2 and "apply to --select-exits only" in res.stderr
+    res = _cli(["calibrate", str(bundle_dir), "--select-exits", "--latency-budget-ms", "5"])
+    assert res.exit_code == 2 and "does not combine" in res.stderr
