@@ -20,12 +20,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from analysis import BURST
 from analysis.evaluation import analytic_speedup
 from analysis.metrics import exit_share
 from calibration.thresholds import exit_decisions
 from runtimes.runtime import Runtime
 
-__all__ = ["latency", "throughput", "summarise", "interleaved", "stats_ms", "head_costs", "cost_model"]
+__all__ = ["BURST", "latency", "throughput", "summarise", "interleaved", "stats_ms", "head_costs", "cost_model"]
 
 
 def _rows(inputs: dict[str, np.ndarray], start: int, n: int) -> dict[str, np.ndarray]:
@@ -54,27 +55,32 @@ def _variants(rt: Runtime, policy: str) -> dict[str, Callable[[dict], Any]]:
 
 
 def interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, np.ndarray], batch: int,
-                 runs: int, warmup: int, seed: int) -> dict[str, np.ndarray]:
+                 runs: int, warmup: int, seed: int, burst: int = 1) -> dict[str, np.ndarray]:
     """Seconds per call of every variant: each round feeds all variants the same real rows, in a
-    shuffled order."""
+    shuffled order, ``burst`` consecutive calls each (on successive rows). With ``burst=1`` every
+    call follows another variant's, so each starts with the others' weights in the caches; a
+    longer burst measures the steady state of a loop that runs one model, for every variant alike."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     order = list(variants)
     rng = random.Random(seed)
-    for r in range(warmup + runs):
-        x = _rows(inputs, r * batch, batch)
+    rounds = -(-runs // burst)
+    for r in range(warmup + rounds):
+        xs = [_rows(inputs, (r * burst + i) * batch, batch) for i in range(burst)]
         rng.shuffle(order)
         for name in order:
-            t0 = time.perf_counter()
-            variants[name](x)
-            if r >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    return {k: np.asarray(v) for k, v in times.items()}
+            for x in xs:
+                t0 = time.perf_counter()
+                variants[name](x)
+                if r >= warmup:
+                    times[name].append(time.perf_counter() - t0)
+    return {k: np.asarray(v[:runs]) for k, v in times.items()}
 
 
 def latency(rt: Runtime, inputs: dict[str, np.ndarray], runs: int = 200, warmup: int = 20,
-            torch_fn: Callable | None = None, seed: int = 0) -> dict[str, np.ndarray]:
-    """Batch-1 seconds per call for every variant, ``runs`` rounds over successive real samples."""
-    times = interleaved(_variants(rt, "per_sample"), inputs, 1, runs, warmup, seed)
+            torch_fn: Callable | None = None, seed: int = 0, burst: int = BURST) -> dict[str, np.ndarray]:
+    """Batch-1 seconds per call for every variant, ``runs`` calls over successive real samples, in
+    interleaved bursts of ``burst`` consecutive calls (see ``interleaved``)."""
+    times = interleaved(_variants(rt, "per_sample"), inputs, 1, runs, max(1, warmup // burst), seed, burst)
     return _with_torch(times, torch_fn, inputs, 1, runs, warmup, seed)
 
 

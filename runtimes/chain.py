@@ -55,6 +55,8 @@ def run_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
     if policy not in POLICIES:
         raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     n = len(next(iter(inputs.values())))
+    if n == 1:  # the camera case: the same decisions with scalars, no per-row bookkeeping
+        return _run_one(backend, bundle, inputs, thresholds)
     k_final = len(bundle.stages) - 1
     classes = np.zeros(n, dtype=np.int64)
     conf = np.zeros(n, dtype=np.float32)
@@ -91,6 +93,30 @@ def run_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
     rows = alive[last]
     classes[rows], conf[rows] = out[pred_name][last], out[conf_name][last]
     return ChainOutput(classes, conf, exits, timings)
+
+
+def _run_one(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
+             thresholds: Sequence[float | None]) -> ChainOutput:
+    """``run_chain`` for one row: both policies decide alike, and nothing needs compacting."""
+    timings: dict[str, float] = {}
+    state = backend.start(inputs)
+    for stage in bundle.stages[:-1]:
+        _timed(backend, stage.segment.key, state, timings)
+        threshold = thresholds[stage.index]
+        if threshold is None:
+            continue
+        _timed(backend, stage.exit.graph.key, state, timings)
+        conf_name, pred_name = stage.exit.decision
+        out = backend.fetch(state, [conf_name, pred_name])
+        if out[conf_name][0] >= threshold:
+            return ChainOutput(out[pred_name].astype(np.int64, copy=False), out[conf_name].astype(np.float32, copy=False),
+                               np.array([stage.index], dtype=np.int64), timings)
+    last = bundle.stages[-1]
+    _timed(backend, last.segment.key, state, timings)
+    conf_name, pred_name = bundle.final_decision
+    out = backend.fetch(state, [conf_name, pred_name])
+    return ChainOutput(out[pred_name].astype(np.int64, copy=False), out[conf_name].astype(np.float32, copy=False),
+                       np.array([last.index], dtype=np.int64), timings)
 
 
 def record_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray]) -> RecordOutput:

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import click
 
+from analysis import BURST
 from freedeploy.cli.choices import BACKEND_CHOICES, PRECISION_CHOICES
 from freedeploy.cli.output import emit_json, exit_name, note, table
 
@@ -49,7 +50,10 @@ def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
               help="ONNX Runtime intra-op threads, 1 to 4 per CPU [default: all cores, max 8].")
 @click.option("--spin/--no-spin", default=True, show_default=True,
               help="ONNX Runtime CPU threads spin-wait between the operators of a run (they stop when it returns).")
-@click.option("--runs", type=click.IntRange(10), default=200, show_default=True, help="Batch-1 rounds per variant.")
+@click.option("--runs", type=click.IntRange(10), default=200, show_default=True, help="Batch-1 calls per variant.")
+@click.option("--burst", type=click.IntRange(1), default=BURST, show_default=True,
+              help="Batch-1 calls per variant in a row, in each interleaved round: a frame loop runs one model "
+                   "call after call, its weights in the caches; 1 makes every call follow another variant's.")
 @click.option("--batch-runs", type=click.IntRange(5), default=30, show_default=True,
               help="Rounds per variant at each larger batch size.")
 @click.option("--data", "data_spec", help="Data spec for real inputs [default: the bundle's own].")
@@ -59,7 +63,8 @@ def _torch_fn(run_dir: str, threads: int | None) -> Callable | None:
               help="Write speedup_accuracy.png (a measured threshold sweep) and exit_histogram.png here.")
 @click.option("--json", "as_json", is_flag=True)
 def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None, precision: str | None,
-          threads: int | None, spin: bool, runs: int, batch_runs: int, data_spec: str | None, split: str, run_dir: str | None,
+          threads: int | None, spin: bool, runs: int, burst: int, batch_runs: int, data_spec: str | None, split: str,
+          run_dir: str | None,
           plot_dir: str | None, as_json: bool) -> None:
     """Latency and throughput of the early-exit chain against the monolithic graph."""
     from analysis.benchmark import cost_model, head_costs, latency, summarise, throughput
@@ -77,12 +82,13 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
     if skipped:
         note("torch is not installed: the eager torch variant is skipped")
     note(f"benchmarking {rt.calibration_key} on {len(idx)} real samples ({data.spec}, {split})")
-    lat = latency(rt, inputs, runs=runs, torch_fn=torch_fn) if 1 in batches else None
+    lat = latency(rt, inputs, runs=runs, torch_fn=torch_fn, burst=burst) if 1 in batches else None
     thr = {b: throughput(rt, inputs, b, runs=batch_runs, torch_fn=torch_fn) for b in batches if b > 1}
     if lat is None:
-        lat = latency(rt, inputs, runs=20, torch_fn=torch_fn)
+        lat = latency(rt, inputs, runs=20, torch_fn=torch_fn, burst=burst)
     labels = data.labels[idx]
     report = summarise(rt, inputs, lat, thr, labels)
+    report["burst"] = burst
     report["heads"] = head_costs(rt, inputs)
     report.update(cost_model(report, rt.thresholds))
     if max(batches) > 1:
@@ -106,7 +112,8 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
 
 def bench_table(r: dict[str, Any]) -> str:
     rows = [[name, s["mean"], s["p50"], s["p90"], s["p99"]] for name, s in r["batch1_ms"].items()]
-    lines = ["batch 1 latency (ms), " + f"{next(iter(r['batch1_ms'].values()))['runs']} interleaved runs each",
+    lines = ["batch 1 latency (ms), " + f"{next(iter(r['batch1_ms'].values()))['runs']} calls each, interleaved in "
+             f"bursts of {r.get('burst', 1)}",
              table(["variant", "mean", "p50", "p90", "p99"], rows), "",
              f"measured speed-up vs monolithic: {r['measured_speedup_mean']:.2f}x (mean latency), "
              f"{r['measured_speedup_median']:.2f}x (median)",
