@@ -94,6 +94,10 @@ def calibrate(bundle_dir: str, data_spec: str | None, split: str | None, backend
     click.echo(f"expected latency {cert['expected_latency_ms']:.3f} ms per sample at batch 1, expected speed-up "
                f"{cert['expected_speedup']:.2f}x over the monolithic graph; exits taken: "
                + ", ".join(f"{exit_name(k)}: {100 * h:.1f}%" for k, h in cert["exit_share"].items()))
+    if cert["expected_speedup"] < 1.0:
+        click.echo("note: at these thresholds early exit is expected to be slower than the monolithic graph here "
+                   "(the heads cost more than the exits save); run with every exit off (`--thresholds off,...` "
+                   "or `rt.thresholds = [None, ...]`) or train exits that fire more often")
     click.echo(f"next: freedeploy eval {bundle_dir}")
 
 

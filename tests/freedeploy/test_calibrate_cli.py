@@ -114,3 +114,14 @@ def test_selection_options_need_select_exits(bundle_dir: Path) -> None:
     assert res.exit_code == 2 and "apply to --select-exits only" in res.stderr
     res = _cli(["calibrate", str(bundle_dir), "--select-exits", "--latency-budget-ms", "5"])
     assert res.exit_code == 2 and "does not combine" in res.stderr
+
+
+def test_calibrate_says_when_early_exit_does_not_pay(bundle_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtimes.records import StageCosts
+
+    # heads that cost more than the blocks they could save: certified, but slower than the monolithic graph
+    monkeypatch.setattr("calibration.calibrate.measure_costs",
+                        lambda *args, **kwargs: StageCosts((1.0, 1.0, 1.0), (5.0, 5.0), 3.0))
+    res = _cli(["calibrate", str(bundle_dir), "--max-disagreement", "0.3", "--epsilon", "0.1"])
+    assert res.exit_code == 0, res.stderr
+    assert "expected to be slower than the monolithic graph" in res.stdout
