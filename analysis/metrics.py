@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from runtimes.bundle import by_exit
+
 __all__ = ["exit_metrics", "exit_histogram", "exit_share"]
 
 
@@ -42,7 +44,7 @@ def exit_histogram(taken: np.ndarray, blocks: Sequence[int]) -> dict[str, int]:
     """How many samples left at each exit, e.g. ``{"2": 5, "4": 1, "final": 3}``; ``taken`` holds
     exit indices (``len(blocks)`` is the final head), ``blocks`` each exit's block."""
     counts = np.bincount(np.asarray(taken, dtype=np.int64), minlength=len(blocks) + 1)
-    return {**{str(b): int(c) for b, c in zip(blocks, counts)}, "final": int(counts[len(blocks)])}
+    return by_exit(blocks, [int(c) for c in counts])
 
 
 def exit_share(taken: np.ndarray, blocks: Sequence[int]) -> dict[str, float]:

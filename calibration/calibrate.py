@@ -99,7 +99,7 @@ def _expected(rt: Runtime, thresholds: tuple[float | None, ...], conf: np.ndarra
     ms = expected_cost(taken, costs.segments, costs.exits, thresholds)
     share = np.bincount(taken, minlength=conf.shape[1]) / len(taken)
     return {"expected_latency_ms": ms, "expected_speedup": costs.full / ms,
-            "exit_share": by_exit(rt.bundle, share.tolist())}
+            "exit_share": by_exit([e.block for e in rt.bundle.exits], share.tolist())}
 
 
 def write_calibration(bundle_dir: str | os.PathLike, certificate: Certificate) -> None:

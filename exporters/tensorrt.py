@@ -43,7 +43,7 @@ __all__ = ["DeviceInfo", "BuildResult", "detect_device", "target_key", "profile_
 log = logging.getLogger(__name__)
 
 TIMING_CACHE = "timing.cache"
-ENGINE_SET = Replaceable("a TensorRT engine set", BUILD_FILE)  # what build --overwrite may replace
+ENGINE_SET = Replaceable("a TensorRT engine set", BUILD_FILE, "graphs")  # what build --overwrite may replace
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max) shape
 Progress = Callable[[str, float], None]  # (message, fraction of the whole job done)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from runtimes.backends.onnxruntime import OrtBackend
-from runtimes.bundle import Bundle
+from runtimes.bundle import Bundle, decision_field
 from runtimes.chain import RecordOutput, record_chain
 from runtimes.records import ChainParity, FileCheck, Mismatch, PrecisionCheck
 
@@ -70,8 +70,7 @@ def torch_record(bundle: Bundle, modules: dict[str, torch.nn.Module], inputs: di
             outs = dict(zip((t.name for t in spec.outputs),
                             _torch_outputs(modules[spec.key], state, [t.name for t in spec.inputs])))
             state.update(outs)
-            decision = {t.role.partition("_")[2]: outs[t.name] for t in spec.outputs
-                        if t.role.startswith(("exit_", "final_"))}
+            decision = {decision_field(t.role): outs[t.name] for t in spec.outputs if decision_field(t.role)}
             if decision:  # an exit head or the final segment, in chain order
                 top2 = np.sort(decision["logits"], axis=-1)[:, -2:]
                 c.append(decision["confidence"])

@@ -99,7 +99,7 @@ class Saved:
     meta: dict[str, Any]
 
 
-CHECKPOINT = Replaceable("a freedeploy training checkpoint", "state.json")
+CHECKPOINT = Replaceable("a freedeploy training checkpoint", "state.json", "settings")
 
 
 class Checkpoints:
@@ -135,5 +135,5 @@ class Checkpoints:
         if self.enabled and self.path.exists():
             if not CHECKPOINT.holds(self.path):
                 raise ConfigError(f"refusing to remove {self.path}: it is not {CHECKPOINT.what} (no "
-                                  f"{CHECKPOINT.marker}); move it away or choose another --out")
+                                  f"{CHECKPOINT.marker} of ours); move it away or choose another --out")
             shutil.rmtree(self.path, ignore_errors=True)

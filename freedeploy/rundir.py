@@ -29,7 +29,7 @@ __all__ = ["RunInfo", "save_run", "load_run", "RUN_FORMAT_VERSION"]
 
 RUN_FORMAT_VERSION = 1
 MANIFEST = "freedeploy.json"
-RUN_DIR = Replaceable("a freedeploy run dir", MANIFEST)  # what train --overwrite may replace
+RUN_DIR = Replaceable("a freedeploy run dir", MANIFEST, "format")  # what train --overwrite may replace
 WEIGHTS = "model.safetensors"
 
 

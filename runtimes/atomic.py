@@ -9,7 +9,7 @@ freedeploy did not create.
   one of the command's inputs.
 - Files and directories come out with the user's umask (as ``open`` and ``mkdir`` would make
   them); a replaced file keeps its permission bits.
-- Temporary names carry the writer's host and process id (``.NAME.<host>-<pid>.XXXX.partial``), so
+- Temporary names carry the writer's host and process id (``.NAME.<host>-<pid>.<random>.partial``), so
   the next writer of the same target removes leftovers of a killed writer (ours, and only once
   that process is gone) and nothing else.
 - ``exclusive`` serialises writers of one directory (two ``calibrate`` runs on one bundle): the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import re
@@ -48,9 +49,20 @@ class Replaceable:
 
     what: str  # "a freedeploy bundle"
     marker: str  # "bundle.json"
+    key: str | None = None  # a field the marker's JSON object must have ("stages"), so a file of that name
+    # written by another tool is not mistaken for ours
 
     def holds(self, path: Path) -> bool:
-        return (path / self.marker).is_file()
+        marker = path / self.marker
+        if marker.is_symlink() or not marker.is_file():
+            return False
+        if self.key is None:
+            return True
+        try:
+            data = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            return False
+        return isinstance(data, dict) and self.key in data
 
 
 def _umask() -> int:
@@ -187,7 +199,7 @@ def check_target(target: Path, overwrite: bool, kind: Replaceable | None,
         if not overwrite:
             raise ConfigError(f"{target} already exists; choose another output path or pass --overwrite")
         if kind is not None and not kind.holds(target):
-            raise ConfigError(f"refusing to replace {target}: it is not {kind.what} (no {kind.marker}; it is "
+            raise ConfigError(f"refusing to replace {target}: it is not {kind.what} (no {kind.marker} of ours; it is "
                               f"{_describe(target)}); choose another output path or remove it yourself")
     for parent in target.parents:  # a file in the way, or a place nobody may write
         if parent.exists():
@@ -241,7 +253,7 @@ def exclusive(directory: str | os.PathLike, waiting: str = "") -> Iterator[None]
         return
     path = Path(directory) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), file_mode())
     except OSError as exc:
         raise ConfigError(f"cannot lock {directory} for writing: {exc.strerror or exc}") from None
     try:

@@ -45,7 +45,7 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from runtimes.atomic import LOCK_FILE, Replaceable, atomic_write_text
 from runtimes.confidence import CONFIDENCE
@@ -56,11 +56,11 @@ from runtimes.typed import from_dict, to_dict
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "TensorSpec", "GraphSpec", "ExitSpec", "StageSpec", "BatchSpec",
            "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS", "ROLES", "GRAPH_KINDS", "HEADS",
-           "TASKS", "DTYPES", "by_exit", "BUNDLE_DIR", "EXIT_DECISION", "FINAL_DECISION"]
+           "TASKS", "DTYPES", "by_exit", "decision_field", "BUNDLE_DIR", "EXIT_DECISION", "FINAL_DECISION"]
 
 SCHEMA_VERSION = 2
 MANIFEST = "bundle.json"
-BUNDLE_DIR = Replaceable("a freedeploy bundle", MANIFEST)  # what export --overwrite may replace
+BUNDLE_DIR = Replaceable("a freedeploy bundle", MANIFEST, "stages")  # what export --overwrite may replace
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 EXIT_DECISION = ("exit_logits", "exit_confidence", "exit_prediction")  # an exit head's outputs, in order
 FINAL_DECISION = ("final_logits", "final_confidence", "final_prediction")  # the last segment's and full's
@@ -104,6 +104,15 @@ class GraphSpec:
         if len(set(names)) != len(names):
             raise error(f"{where}: graph {self.key} names a tensor twice ({', '.join(names)})")
 
+    @cached_property
+    def decision(self) -> tuple[str, str]:
+        """(confidence, prediction) names of the decision this graph outputs (an exit's or the final
+        head's): what the loop reads."""
+        fields = {decision_field(t.role): t.name for t in self.outputs}
+        if "confidence" not in fields or "prediction" not in fields:
+            raise BundleError(f"graph {self.key} outputs no exit or final decision")
+        return fields["confidence"], fields["prediction"]
+
     def output(self, role: str) -> TensorSpec:
         """The one output with ``role``."""
         found = [t for t in self.outputs if t.role == role]
@@ -126,10 +135,10 @@ class ExitSpec:
         if not 0.0 < self.cost <= 2.0:
             raise error(f"{where}: 'cost' must be in (0, 2] backbone blocks, found {self.cost}")
 
-    @cached_property
+    @property
     def decision(self) -> tuple[str, str]:
         """(confidence, prediction) tensor names: what the loop reads."""
-        return self.graph.output("exit_confidence").name, self.graph.output("exit_prediction").name
+        return self.graph.decision
 
 
 @dataclass(frozen=True)
@@ -228,11 +237,10 @@ class Bundle:
         except KeyError:
             raise BundleError(f"bundle {self.name!r} has no graph {key!r}; it has {', '.join(self._by_key)}") from None
 
-    @cached_property
+    @property
     def final_decision(self) -> tuple[str, str]:
-        """(confidence, prediction) names of the final head (the last segment's and the full graph's)."""
-        last = self.stages[-1].segment
-        return last.output("final_confidence").name, last.output("final_prediction").name
+        """(confidence, prediction) names of the final head at the end of the chain."""
+        return self.stages[-1].segment.decision
 
     def path(self, relative: str) -> Path:
         if self.root is None:
@@ -258,12 +266,18 @@ class Bundle:
         return from_dict(cls, data, where, error)
 
 
-def by_exit(bundle: Bundle, values: "list[Any] | tuple[Any, ...]") -> dict[str, Any]:
+def decision_field(role: str) -> str | None:
+    """``logits``, ``confidence`` or ``prediction`` for an exit's or the final head's decision roles;
+    None for every other role."""
+    return role.partition("_")[2] if role in EXIT_DECISION or role in FINAL_DECISION else None
+
+
+def by_exit(blocks: Sequence[int], values: Sequence[Any]) -> dict[str, Any]:
     """Per-head values (every exit in chain order, then the final head) keyed the way users see
-    exits: by the block each reads (``"2"``), and ``"final"``."""
-    if len(values) != len(bundle.exits) + 1:
-        raise BundleError(f"{len(values)} values for {len(bundle.exits)} exits and the final head")
-    return {**{str(e.block): v for e, v in zip(bundle.exits, values)}, "final": values[-1]}
+    exits: by the block each reads (``"2"``), and ``"final"``; ``blocks`` holds each exit's block."""
+    if len(values) != len(blocks) + 1:
+        raise BundleError(f"{len(values)} values for {len(blocks)} exits and the final head")
+    return {**{str(b): v for b, v in zip(blocks, values)}, "final": values[-1]}
 
 
 def sha256_file(path: str | os.PathLike) -> str:

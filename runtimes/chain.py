@@ -139,7 +139,7 @@ def run_full(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray]) ->
     timings: dict[str, float] = {}
     state = backend.start(inputs)
     _timed(backend, bundle.full.key, state, timings)
-    conf_name, pred_name = bundle.full.output("final_confidence").name, bundle.full.output("final_prediction").name
+    conf_name, pred_name = bundle.full.decision
     out = backend.fetch(state, [conf_name, pred_name])
     n = len(out[pred_name])
     return ChainOutput(out[pred_name].astype(np.int64), out[conf_name].astype(np.float32),

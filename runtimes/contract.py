@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from runtimes.bundle import EXIT_DECISION, FINAL_DECISION
+from runtimes.bundle import EXIT_DECISION, FINAL_DECISION, decision_field
 from runtimes.errors import BundleError, FreedeployError
 from runtimes.preprocess import ImageSpec, ImageTextSpec, TextSpec
 
@@ -118,7 +118,7 @@ def _check_decisions(b: "Bundle", w: str, error: _Error) -> None:
     classes = len(b.labels)
     for g in b.graphs:
         for t in g.outputs:
-            kind = t.role.partition("_")[2]
+            kind = decision_field(t.role)
             if kind == "logits" and (len(t.shape) != 2 or t.shape[1] != classes):
                 raise error(f"{w}: {t.name} of graph {g.key} has shape {list(t.shape)}, but there are {classes} labels "
                             "(the labels must match the class count)")

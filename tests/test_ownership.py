@@ -212,3 +212,26 @@ def test_concurrent_calibrations_lose_no_certificate(tmp_path: Path) -> None:
     keys = set(load_bundle(bundle).calibration)
     assert {f"{n}-{i}" for n in "abc" for i in range(12)} <= keys  # nothing silently lost
     assert (bundle / LOCK_FILE).is_file() and json.loads((bundle / "bundle.json").read_text())["schema_version"] == 2
+
+
+def test_a_foreign_manifest_of_the_same_name_is_not_ours(micro_run: Path, tmp_path: Path) -> None:
+    """Another tool's bundle.json does not make a folder a freedeploy bundle."""
+    folder = tmp_path / "webapp"
+    folder.mkdir()
+    (folder / "bundle.json").write_text('{"name": "my-app", "dependencies": {}}')
+    (folder / "index.js").write_text("console.log(1)")
+    before = _snapshot(folder)
+    _refused(["export", str(micro_run), "--out", str(folder), "--overwrite"], "no bundle.json of ours")
+    assert _snapshot(folder) == before
+
+
+def test_the_writer_lock_does_not_follow_a_planted_link(tmp_path: Path) -> None:
+    from runtimes.atomic import exclusive
+
+    bundle = Path(shutil.copytree(V1_DIGITS, tmp_path / "b"))
+    victim = tmp_path / "elsewhere"
+    os.symlink(victim, bundle / LOCK_FILE)
+    with pytest.raises(ConfigError, match="cannot lock"):
+        with exclusive(bundle):
+            pass
+    assert not victim.exists()

@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtimes.backends.base import Backend
-from runtimes.bundle import BatchSpec, Bundle, TensorSpec
+from runtimes.bundle import BatchSpec, Bundle, TensorSpec, decision_field
 from runtimes.plan import classifier_bundle, classifier_layout
 from runtimes.preprocess import ImageSpec
 
@@ -36,7 +36,7 @@ def fake_bundle(num_exits: int = 3, max_batch: int = 64, thresholds: Sequence[fl
 
 
 def _tensor(name: str, role: str, classes: int, shapes: dict[str, tuple]) -> TensorSpec:
-    kind = role.partition("_")[2]
+    kind = decision_field(role)
     if kind == "logits":
         return TensorSpec(name, "float32", ("batch", classes))
     if kind in ("confidence", "prediction"):

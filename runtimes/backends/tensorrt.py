@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtimes.backends.base import Backend
-from runtimes.bundle import Bundle
+from runtimes.bundle import Bundle, decision_field
 from runtimes.backends.tensorrt_device import (BUILD_FILE, BUILD_SCHEMA, ENGINES_DIR, DeviceInfo, cuda_check,
                                                detect_device, find_engine_dir, import_cudart, import_tensorrt,
                                                install_hint, read_build, target_key)
@@ -131,7 +131,7 @@ class TensorRTBackend(Backend):
         self._tensors = _layouts(self.bundle)
         # the decisions (logits, confidences, predictions): what fetch reads, so they get pinned landing buffers
         self._results = sorted({t.name for g in self.bundle.graphs for t in g.outputs
-                                if t.role.startswith(("exit_", "final_"))})
+                                if decision_field(t.role)})
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         for graph in self.bundle.graphs:
