@@ -11,6 +11,9 @@ Specs::
                                (defaults: ``text``, ``label``, ``utf-8``)
     vqa-digits                 the digit images with templated questions (``analysis.vqa``)
     vqa:PATH                   a JSONL file of image, question, answer (``analysis.vqa``)
+    captions-digits            the digit images with templated captions and answers in words
+                               (``analysis.captions``)
+    captions:PATH              a JSONL file of image, target text, optional prompt (``analysis.captions``)
 
 Any spec takes ``?limit=N`` (``&limit=N`` after other options): a fixed, class-stratified random
 subset of N rows, for quick experiments.
@@ -33,6 +36,7 @@ from urllib.parse import parse_qsl
 
 import numpy as np
 
+from analysis.captions import load_captions_digits, load_captions_jsonl
 from analysis.vqa import load_vqa_digits, load_vqa_jsonl
 from runtimes.errors import ConfigError, DataError
 
@@ -46,11 +50,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 @dataclass(frozen=True)
 class Dataset:
     spec: str
-    modality: str  # "image", "text" or "image-text"
-    items: list[Any]  # uint8 HW/HWC arrays, image paths, strings, or (image, question) pairs
+    modality: str  # "image", "text", "image-text" or "image-to-text"
+    items: list[Any]  # uint8 HW/HWC arrays, image paths, strings, or (image, question / prompt) pairs
     labels: np.ndarray  # int64 (N,), indices into label_names
     label_names: tuple[str, ...]
     groups: np.ndarray | None = None  # int64 (N,): rows of one group (an image) stay in one split
+    targets: tuple[str, ...] | None = None  # image-to-text: the text to generate, one per row
 
     def __len__(self) -> int:
         return len(self.items)
@@ -58,7 +63,8 @@ class Dataset:
     def subset(self, indices: Sequence[int]) -> "Dataset":
         idx = np.asarray(indices, dtype=np.int64)
         return Dataset(self.spec, self.modality, [self.items[i] for i in idx], self.labels[idx], self.label_names,
-                       None if self.groups is None else self.groups[idx])
+                       None if self.groups is None else self.groups[idx],
+                       None if self.targets is None else tuple(self.targets[i] for i in idx))
 
 
 def load_dataset(spec: str) -> Dataset:
@@ -83,9 +89,14 @@ def load_dataset(spec: str) -> Dataset:
         ds = load_vqa_digits(spec)
     elif kind == "vqa" and rest:
         ds = load_vqa_jsonl(spec, Path(rest))
+    elif kind == "captions-digits" and not rest:
+        ds = load_captions_digits(spec)
+    elif kind == "captions" and rest:
+        ds = load_captions_jsonl(spec, Path(rest))
     else:
-        raise ConfigError(f"unknown data spec {spec!r}: expected 'digits', 'tweets', 'vqa-digits', "
-                          "'imagefolder:PATH', 'text:PATH' or 'vqa:PATH', optionally followed by ?limit=N")
+        raise ConfigError(f"unknown data spec {spec!r}: expected 'digits', 'tweets', 'vqa-digits', 'captions-digits', "
+                          "'imagefolder:PATH', 'text:PATH', 'vqa:PATH' or 'captions:PATH', optionally followed by "
+                          "?limit=N")
     if "limit" in opts:
         ds = _limit(ds, opts["limit"])
     return ds

@@ -15,12 +15,12 @@ image in one split: a model is never tested on an image it was trained on.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from analysis.jsonl import jsonl_objects
 from runtimes.errors import DataError
 
 __all__ = ["DIGIT_ANSWERS", "QUESTIONS_PER_IMAGE", "digit_questions", "load_vqa_digits", "load_vqa_jsonl"]
@@ -87,21 +87,12 @@ def load_vqa_jsonl(spec: str, path: Path) -> Any:
     if not path.is_file():
         raise DataError(f"VQA file {path} does not exist")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {n} is not valid JSON: {exc.msg}") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path} line {n}: expected an object with image, question, answer")
-            missing = [k for k in ("image", "question", "answer") if row.get(k) in (None, "")]
-            if missing:
-                raise DataError(f"{path} line {n} has no {', '.join(repr(k) for k in missing)} field "
-                                "(each line needs image, question and answer)")
-            rows.append((n, row))
+    for n, row in jsonl_objects(path, "image, question, answer"):
+        missing = [k for k in ("image", "question", "answer") if row.get(k) in (None, "")]
+        if missing:
+            raise DataError(f"{path} line {n} has no {', '.join(repr(k) for k in missing)} field "
+                            "(each line needs image, question and answer)")
+        rows.append((n, row))
     if not rows:
         raise DataError(f"data set {spec!r} is empty")
     base, image_ids, items, answers, groups = path.parent, {}, [], [], []

@@ -5,8 +5,9 @@
 For every stage with an exit, on real inputs of the bundle's own test split, with ONNX Runtime set
 up exactly as the runtime sets it up (``OrtBackend.open_session``): an identity graph on the
 stage's input (the fixed cost of a call), the segment alone, the exit head alone, the two as two
-calls, and the two fused into one graph (``exporters.fuse.stage2onnx``) that outputs the hidden
-state and the exit decision. Variants are interleaved in a shuffled order, round after round;
+calls (numpy in and out, as the runtime calls them; OrtValues passed from one call to the next;
+outputs bound once to preallocated buffers with I/O binding), and the two fused into one graph
+(``exporters.fuse.stage2onnx``) that outputs the hidden state and the exit decision. Variants are interleaved in a shuffled order, round after round;
 each figure is the median over rounds of the mean time per call, in milliseconds.
 """
 
@@ -68,9 +69,35 @@ def _variants(rt: Runtime, k: int, feeds: dict[str, np.ndarray], tmp: Path) -> d
         out = dict(zip(seg_out, seg.run(seg_out, feeds)))
         head.run(head_out, {n: out.get(n, feeds.get(n)) for n in head_in})
 
+    # the same two calls without numpy in between: OrtValues passed on, or outputs bound once to buffers
+    import onnxruntime as ort
+
+    ort_feeds = {n: ort.OrtValue.ortvalue_from_numpy(v) for n, v in feeds.items()}
+
+    def two_calls_ortvalues() -> None:
+        out = dict(zip(seg_out, seg.run_with_ort_values(seg_out, ort_feeds)))
+        head.run_with_ort_values(head_out, {n: out.get(n, ort_feeds.get(n)) for n in head_in})
+
+    buffers = {n: ort.OrtValue.ortvalue_from_numpy(np.empty_like(v)) for n, v in {**produced, **dict(
+        zip(head_out, head.run(head_out, head_feeds)))}.items()}
+    seg_bind, head_bind = seg.io_binding(), head.io_binding()
+    for n, v in feeds.items():
+        seg_bind.bind_ortvalue_input(n, ort_feeds[n])
+    for n in seg_out:
+        seg_bind.bind_ortvalue_output(n, buffers[n])
+    for n in head_in:
+        head_bind.bind_ortvalue_input(n, buffers[n] if n in buffers else ort_feeds[n])
+    for n in head_out:
+        head_bind.bind_ortvalue_output(n, buffers[n])
+
+    def two_calls_bound() -> None:
+        seg.run_with_iobinding(seg_bind)
+        head.run_with_iobinding(head_bind)
+
     assert hidden.name in fused_out
     return {"identity": lambda: ident.run(None, one_feed), "segment": lambda: seg.run(seg_out, feeds),
             "head": lambda: head.run(head_out, head_feeds), "segment + head (2 calls)": two_calls,
+            "2 calls, OrtValues": two_calls_ortvalues, "2 calls, bound buffers": two_calls_bound,
             "fused (1 call)": lambda: fused.run(fused_out, feeds)}
 
 

@@ -4,7 +4,12 @@ networks and has no fp16/int8 builder flags or INT8 calibrators left):
 - ``onnx2fp16``: mixed precision with onnxconverter-common; graph inputs and outputs, Softmax, the
   LayerNorms and the in-graph confidence (softmax -> max / top-k / log) stay fp32;
 - ``onnx2int8``: explicit Q/DQ with ONNX Runtime's static quantization (symmetric int8
-  activations and per-channel weights on MatMul / Gemm / Conv), calibrated on real samples.
+  activations and per-channel weights on MatMul / Gemm / Conv), calibrated on real samples;
+- ``onnx2int8_weights``: int8 weights, per output channel, with ONNX Runtime's dynamic
+  quantization (``DynamicQuantizeLinear`` + ``MatMulInteger``: activations are quantized per call,
+  so no calibration data). Used for exit heads (precision ``int8-heads``): a head serves one token,
+  so at batch 1 its time is the reading of its weights, and int8 reads a quarter of the bytes.
+  TensorRT does not parse these ops: ONNX Runtime only.
 
 Both results run in ONNX Runtime on a CPU, which is how export validates them.
 """
@@ -20,7 +25,7 @@ from typing import Any
 
 from runtimes.errors import ExportError
 
-__all__ = ["onnx2fp16", "onnx2int8", "FP32_OPS"]
+__all__ = ["onnx2fp16", "onnx2int8", "onnx2int8_weights", "FP32_OPS"]
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +94,32 @@ def onnx2int8(src: Path, dst: Path, reader: Any) -> Path:
         except Exception as exc:  # the quantizer raises many types; report which file failed
             raise ExportError(f"int8 quantization of {src.name} failed: {str(exc).splitlines()[0]}") from exc
     return dst
+
+
+def onnx2int8_weights(src: Path, dst: Path) -> Path:
+    """Write a copy of ``src`` whose MatMul weights are int8 per output channel; returns ``dst``."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = onnx.load(str(src))
+    nodes = _weight_matmuls(model)
+    if not nodes:
+        raise ExportError(f"{src.name} has no MatMul with a weight matrix to quantize")
+    try:
+        with contextlib.redirect_stdout(None), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(model, str(dst), weight_type=QuantType.QInt8, per_channel=True,
+                             op_types_to_quantize=["MatMul"], nodes_to_quantize=nodes)
+    except Exception as exc:  # the quantizer raises many types; report which file failed
+        raise ExportError(f"int8 weight quantization of {src.name} failed: {str(exc).splitlines()[0]}") from exc
+    return dst
+
+
+def _weight_matmuls(model: Any) -> list[str]:
+    """MatMul nodes whose second input is a 2-D weight initializer (x @ W): the only ones whose per-channel
+    int8 form ONNX Runtime runs (activation @ activation products, e.g. attention, stay fp32)."""
+    weights = {i.name for i in model.graph.initializer if len(i.dims) == 2 and min(i.dims) > 1}
+    nameless = [n for n in model.graph.node if not n.name]
+    for i, n in enumerate(nameless):  # the quantizer selects nodes by name
+        n.name = f"matmul_{i}"
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]

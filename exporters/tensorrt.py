@@ -34,10 +34,10 @@ from runtimes.backends.tensorrt_device import (BUILD_FILE, BUILD_SCHEMA, ENGINES
 from exporters.config import BuildDefaults
 from runtimes import naming
 from runtimes.bundle import Bundle, load_bundle
-from runtimes.records import EngineSet, GraphBuild
+from runtimes.records import ENGINE_PRECISIONS, EngineSet, GraphBuild
 from runtimes.errors import BundleError, ConfigError, ExportError
 
-__all__ = ["DeviceInfo", "BuildResult", "detect_device", "target_key", "profile_for", "onnx2plan", "build_engines",
+__all__ = ["DeviceInfo", "BuildResult", "detect_device", "target_key", "profile_for", "decoder_dims", "onnx2plan", "build_engines",
            "read_build", "list_engine_sets", "TIMING_CACHE"]
 
 log = logging.getLogger(__name__)
@@ -61,9 +61,20 @@ def _import_tensorrt() -> Any:
     return import_tensorrt()
 
 
+def decoder_dims(bundle: Bundle) -> dict[str, tuple[int, int, int]]:
+    """(min, opt, max) of a decoder's named axes: the prompt, the new tokens of a step and the past,
+    bounded by the model's positions (the image prefix takes ``num_query_tokens`` of them)."""
+    d = bundle.decoder
+    room = d.max_positions - d.num_query_tokens
+    return {"prompt": (1, min(16, room), room), "new": (1, 1, d.max_positions),
+            "past": (1, min(d.max_positions - 1, d.num_query_tokens + 32), d.max_positions - 1)}
+
+
 def profile_for(bundle: Bundle, graph_key: str) -> Profile:
-    """One optimization profile: the bundle's (min, opt, max) batch on the batch axis, fixed sizes elsewhere."""
+    """One optimization profile: the bundle's (min, opt, max) batch on the batch axis, fixed sizes elsewhere;
+    a decoder's named axes (``decoder_dims``) over their whole range, tuned for one new token per step."""
     b = bundle.batch
+    named = decoder_dims(bundle) if bundle.decoder is not None else {}
     profile: Profile = {}
     for t in bundle.graph(graph_key).inputs:
         dims = []
@@ -72,6 +83,8 @@ def profile_for(bundle: Bundle, graph_key: str) -> Profile:
                 dims.append((b.min, b.opt, b.max))
             elif isinstance(d, int):
                 dims.append((d, d, d))
+            elif d in named:
+                dims.append(named[d])
             else:
                 raise BundleError(f"{graph_key}: input {t.name} has a named dimension {d!r}; TensorRT profiles need "
                                   "every dimension but 'batch' fixed")
@@ -185,6 +198,9 @@ def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = Bui
     t0 = time.perf_counter()
     bundle_dir = Path(bundle_dir)
     bundle = load_bundle(bundle_dir)
+    if precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"TensorRT builds {', '.join(ENGINE_PRECISIONS)}, not {precision!r} "
+                          "(int8-heads runs on ONNX Runtime only: TensorRT does not parse its integer MatMul)")
     if precision not in bundle.precisions:
         raise ConfigError(f"bundle {bundle.name!r} has no {precision} ONNX (it has {', '.join(bundle.precisions)}): "
                           f"export it with `freedeploy export RUN --target trt-{precision}`")

@@ -101,18 +101,20 @@ def record_all(bundle: Bundle, backend: OrtBackend, inputs: dict[str, np.ndarray
 
 def precision_report(bundle: Bundle, backend: OrtBackend, fp32: RecordOutput, inputs: dict[str, np.ndarray],
                      labels: np.ndarray) -> PrecisionCheck:
-    """An fp16 / int8 chain against the fp32 one on the same rows."""
+    """A lower-precision chain (fp16, int8, int8-heads) against the fp32 one on the same rows."""
     low = record_all(bundle, backend, inputs)
     t = REFERENCE_THRESHOLD
     fire32, fire_low = fp32.confidences >= t, low.confidences >= t
     # the same decision: both keep going, or both exit with the same class
     same = (fire32 == fire_low) & (~fire32 | (fp32.predictions == low.predictions))
     k = fp32.predictions.shape[1] - 1
-    acc32 = float((fp32.predictions[:, k] == labels).mean())
-    acc_low = float((low.predictions[:, k] == labels).mean())
+    acc32 = (fp32.predictions == labels[:, None]).mean(0)
+    acc_low = (low.predictions == labels[:, None]).mean(0)
     return PrecisionCheck(
         precision=backend.precision, reference_threshold=t,
         exit_decision_agreement=tuple(float(x) for x in same[:, :k].mean(0)),
         prediction_agreement=tuple(float(x) for x in (fp32.predictions == low.predictions).mean(0)),
         max_confidence_diff=float(np.abs(fp32.confidences - low.confidences).max()),
-        final_accuracy_fp32=acc32, final_accuracy=acc_low, accuracy_change=acc_low - acc32)
+        final_accuracy_fp32=float(acc32[k]), final_accuracy=float(acc_low[k]),
+        accuracy_change=float(acc_low[k] - acc32[k]),
+        exit_accuracy_change=tuple(float(x) for x in (acc_low - acc32)[:k]))

@@ -95,23 +95,31 @@ class ExitObjective(nn.Module):
 
     def _heads_loss(self, hidden: list[torch.Tensor], mask: torch.Tensor | None, teacher: torch.Tensor,
                     labels: torch.Tensor, labelled: torch.Tensor, adv_weight: float) -> tuple[torch.Tensor, dict]:
-        w, t = self.weights, self.weights.temperature
-        soft_teacher = F.log_softmax(teacher / t, dim=-1)
+        soft_teacher = F.log_softmax(teacher / self.weights.temperature, dim=-1)
         total = teacher.new_zeros(())
         stats: dict = {"features": []}
         for head, h in zip(self.heads, hidden):
             logits, feature = head(h, mask)  # (B, classes), (B, C)
-            logits = logits.float()  # losses in fp32 under bf16 autocast
             stats["features"].append(feature.detach())
-            if w.ce and labelled.any():
-                total = total + w.ce * F.cross_entropy(logits[labelled], labels[labelled])
-            if w.kd:
-                kl = F.kl_div(F.log_softmax(logits / t, dim=-1), soft_teacher, log_target=True, reduction="batchmean")
-                total = total + w.kd * t * t * kl
-            if self.disc is not None and adv_weight > 0:
-                d_fake = self.disc(feature)
-                total = total + adv_weight * F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+            total = total + self.exit_terms(logits.float(), feature, soft_teacher, labels, labelled, adv_weight)
         return total / len(self.heads), stats
+
+    def exit_terms(self, logits: torch.Tensor, feature: torch.Tensor, soft_teacher: torch.Tensor, labels: torch.Tensor,
+                   labelled: torch.Tensor, adv_weight: float) -> torch.Tensor:
+        """One exit's loss over rows (samples, or tokens for a decoder): cross-entropy on the labelled
+        rows, distillation from the teacher's log-probabilities at temperature T, and the adversarial
+        term against the shared discriminator. ``logits`` in fp32 (losses stay fp32 under autocast)."""
+        w, t = self.weights, self.weights.temperature
+        total = logits.new_zeros(())
+        if w.ce and labelled.any():
+            total = total + w.ce * F.cross_entropy(logits[labelled], labels[labelled])
+        if w.kd:
+            kl = F.kl_div(F.log_softmax(logits / t, dim=-1), soft_teacher, log_target=True, reduction="batchmean")
+            total = total + w.kd * t * t * kl
+        if self.disc is not None and adv_weight > 0:
+            d_fake = self.disc(feature)
+            total = total + adv_weight * F.binary_cross_entropy_with_logits(d_fake, torch.ones_like(d_fake))
+        return total
 
     def _disc_loss(self, real: torch.Tensor, fakes: list[torch.Tensor]) -> tuple[torch.Tensor, dict]:
         d_real = self.disc(real)

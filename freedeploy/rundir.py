@@ -96,12 +96,14 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def load_run(path: str | os.PathLike) -> tuple[EarlyExitModel, RunInfo]:
     """Rebuild the trained early-exit model from a run dir; returns it in eval mode."""
     import transformers
-    from safetensors.torch import load_model
 
     from freedeploy.backbones import build_from_config
 
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest.get("task") == "generate":
+        raise ModelError(f"{path} is a generative run dir (a decoder that writes text); this step takes a "
+                         "classifier's run dir")
     cfg = dict(manifest["hf_config"])
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     hf, adapter = build_from_config(config)
@@ -109,6 +111,14 @@ def load_run(path: str | os.PathLike) -> tuple[EarlyExitModel, RunInfo]:
         raise ModelError(f"{path}: config is a {adapter.name} model but the manifest says {manifest['adapter']}")
     model = EarlyExitModel(hf, adapter, manifest["exits"], exit_init=manifest.get("exit_init", "copy"),
                            exit_head=manifest.get("exit_head", "full-block"))
+    load_weights(model, path)
+    return model.eval(), RunInfo(path, manifest)
+
+
+def load_weights(model: Any, path: Path) -> None:
+    """A run dir's ``model.safetensors`` into ``model``; every tensor must match, both ways."""
+    from safetensors.torch import load_model
+
     weights = path / WEIGHTS
     if not weights.is_file():
         raise ModelError(f"{path} has no {WEIGHTS}")
@@ -116,4 +126,3 @@ def load_run(path: str | os.PathLike) -> tuple[EarlyExitModel, RunInfo]:
     if missing or unexpected:
         raise ModelError(f"{weights} does not match the model in {MANIFEST}: missing {list(missing)[:3]}, "
                          f"unexpected {list(unexpected)[:3]}")
-    return model.eval(), RunInfo(path, manifest)

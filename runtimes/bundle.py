@@ -51,11 +51,12 @@ from runtimes.atomic import LOCK_FILE, Replaceable, atomic_write_text
 from runtimes.confidence import CONFIDENCE
 from runtimes.errors import BundleError, FreedeployError
 from runtimes.preprocess import ImageSpec, ImageTextSpec, Spec, TextSpec
-from runtimes.records import PRECISIONS, Certificate, check_thresholds
+from runtimes.records import ENGINE_PRECISIONS, INT8_HEADS, PRECISIONS, Certificate, check_thresholds
 from runtimes.typed import from_dict, to_dict
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "TensorSpec", "GraphSpec", "ExitSpec", "StageSpec", "BatchSpec",
-           "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS", "ROLES", "GRAPH_KINDS", "HEADS",
+           "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS", "ENGINE_PRECISIONS", "INT8_HEADS",
+           "ROLES", "GRAPH_KINDS", "HEADS", "DecoderSpec", "DECODER_ROLES", "KV_ROLES",
            "TASKS", "DTYPES", "by_exit", "decision_field", "BUNDLE_DIR", "EXIT_DECISION", "FINAL_DECISION"]
 
 SCHEMA_VERSION = 2
@@ -64,10 +65,16 @@ BUNDLE_DIR = Replaceable("a freedeploy bundle", MANIFEST, "stages")  # what expo
 DTYPES = ("float32", "float16", "int64", "int32", "bool")
 EXIT_DECISION = ("exit_logits", "exit_confidence", "exit_prediction")  # an exit head's outputs, in order
 FINAL_DECISION = ("final_logits", "final_confidence", "final_prediction")  # the last segment's and full's
-ROLES = ("model_input", "hidden", "token_mask", "layer_state", *EXIT_DECISION, *FINAL_DECISION)
+# a decoder's graphs also carry: the image prefix, the tokens and their positions, the 0/1 mask over
+# the whole sequence, and per layer (``TensorSpec.layer``) the cached keys and values going in and
+# the new tokens' keys and values coming out
+DECODER_ROLES = ("prefix", "token_ids", "positions", "sequence_mask", "past_keys", "past_values", "new_keys",
+                 "new_values")
+KV_ROLES = ("past_keys", "past_values", "new_keys", "new_values")
+ROLES = ("model_input", "hidden", "token_mask", "layer_state", *EXIT_DECISION, *FINAL_DECISION, *DECODER_ROLES)
 GRAPH_KINDS = ("segment", "exit", "full", "prefill", "decode_step", "state_fill")
 HEADS = ("cls-query", "full-block")  # the exit head forms (freedeploy.adapters builds them)
-TASKS = ("classify",)  # "generate" comes with decoders
+TASKS = ("classify", "generate")
 MAX_BATCH = 1 << 20
 _Error = type[FreedeployError]
 
@@ -78,10 +85,14 @@ class TensorSpec:
     dtype: str = field(metadata={"choices": DTYPES})  # numpy dtype name
     shape: tuple[int | str, ...]  # "batch" marks the dynamic batch axis; other names are symbolic sizes
     role: str = field(default="", metadata={"choices": ROLES, "required": True})  # set by the builder (runtimes.plan)
+    layer: int | None = field(default=None, metadata={"omit_none": True})  # the 0-based decoder layer of a key/value tensor (KV_ROLES); None elsewhere
 
     def check(self, where: str, error: _Error = BundleError) -> None:
         if not self.name or len(self.name) > 256:
             raise error(f"{where}: a tensor needs a name of 1 to 256 characters")
+        if (self.role in KV_ROLES) != (self.layer is not None) or self.layer is not None and self.layer < 0:
+            raise error(f"{where}: tensor {self.name} needs a non-negative 'layer' exactly when its role is one of "
+                        f"{', '.join(KV_ROLES)}")
         if any(isinstance(d, int) and d < 0 for d in self.shape):
             raise error(f"{where}: shape entries must be non-negative integers or names, found {list(self.shape)}")
 
@@ -150,6 +161,40 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
+class DecoderSpec:
+    """What a generative bundle (task ``generate``) adds to the chain of decode-step segments and exits:
+    the graphs that run once per sample or per exit taken, and the token facts the decoding loop needs.
+
+    - ``encode``: image -> prefix (the query tokens as the language model reads them);
+    - ``prefill``: prefix, prompt tokens, positions and mask -> every layer's keys and values for the
+      whole prompt, and the final head's decision for the first new token;
+    - ``fills[i]`` serves stage ``i + 1``: a hidden state copied up from an exit -> the keys and values of
+      that stage's layers (state propagation).
+    """
+
+    encode: GraphSpec
+    prefill: GraphSpec
+    fills: tuple[GraphSpec, ...]
+    tokenizer_file: str
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    vocab_size: int
+    num_layers: int
+    num_query_tokens: int
+    max_positions: int  # the longest sequence (prefix + prompt + generated) the position table covers
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        ids = (self.bos_id, self.eos_id, self.pad_id)
+        if self.vocab_size < 2 or not all(0 <= i < self.vocab_size for i in ids):
+            raise error(f"{where}: token ids {list(ids)} must lie in the vocabulary of {self.vocab_size}")
+        if self.num_layers < 2 or self.num_query_tokens < 0 or self.max_positions <= self.num_query_tokens + 1:
+            raise error(f"{where}: needs 2 or more layers and room for the prefix and a token "
+                        f"(layers {self.num_layers}, query tokens {self.num_query_tokens}, "
+                        f"positions {self.max_positions})")
+
+
+@dataclass(frozen=True)
 class BatchSpec:
     min: int
     opt: int
@@ -194,6 +239,7 @@ class Bundle:
     task: str = field(default="classify", metadata={"choices": TASKS})
     provenance: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, Certificate] | None = None  # certificates by calibration key (freedeploy calibrate)
+    decoder: DecoderSpec | None = field(default=None, metadata={"omit_none": True})  # task generate: the decoder's other graphs and token facts
     root: Path | None = field(default=None, compare=False, metadata={"json": False})  # where it was loaded from
     loaded_version: int | None = field(default=None, compare=False, metadata={"json": False})  # before migration
 
@@ -216,12 +262,17 @@ class Bundle:
 
     @cached_property
     def graphs(self) -> tuple[GraphSpec, ...]:
-        """Every graph in chain order (segment_0, exit_0, segment_1, ...), then the full graph."""
+        """Every graph in chain order (segment_0, exit_0, segment_1, ...), then the full graph; a decoder's
+        encode and prefill come first and its state fills after the chain."""
         out = []
+        if self.decoder is not None:
+            out += [self.decoder.encode, self.decoder.prefill]
         for s in self.stages:
             out.append(s.segment)
             if s.exit is not None:
                 out.append(s.exit.graph)
+        if self.decoder is not None:
+            out += list(self.decoder.fills)
         return (*out, self.full)
 
     @cached_property

@@ -97,9 +97,21 @@ def run_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
 
 def _run_one(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
              thresholds: Sequence[float | None]) -> ChainOutput:
-    """``run_chain`` for one row: both policies decide alike, and nothing needs compacting."""
+    """``run_chain`` for one row: both policies decide alike, and nothing needs compacting. A backend
+    may offer a state of its own for one row (``start_one``, handed back with ``release``): ONNX
+    Runtime's graphs bound once to preallocated buffers."""
+    start_one = getattr(backend, "start_one", None)
+    if start_one is None:
+        return _decide_one(backend, bundle, backend.start(inputs), thresholds)
+    state = start_one(inputs)
+    try:
+        return _decide_one(backend, bundle, state, thresholds)
+    finally:
+        backend.release(state)  # type: ignore[attr-defined]
+
+
+def _decide_one(backend: Backend, bundle: Bundle, state: object, thresholds: Sequence[float | None]) -> ChainOutput:
     timings: dict[str, float] = {}
-    state = backend.start(inputs)
     for stage in bundle.stages[:-1]:
         _timed(backend, stage.segment.key, state, timings)
         threshold = thresholds[stage.index]

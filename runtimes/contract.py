@@ -27,8 +27,13 @@ _Error = type[FreedeployError]
 
 def check_bundle(b: "Bundle", where: str, error: _Error = BundleError) -> None:
     w = where.rstrip(":")
+    if (b.task == "generate") != (b.decoder is not None):
+        raise error(f"{w}: a bundle has a 'decoder' exactly when its task is 'generate'")
     _check_chain(b, w, error)
-    _check_tensors(b, w, error)
+    if b.decoder is not None:
+        _check_decoder(b, w, error)
+    else:
+        _check_tensors(b, w, error)
     _check_preprocess(b, w, error)
     if b.calibration:
         for key, cert in b.calibration.items():
@@ -57,9 +62,15 @@ def _check_chain(b: "Bundle", w: str, error: _Error) -> None:
                         " (exit blocks must be sorted, unique and inside the depth)")
     if start != b.num_blocks:
         raise error(f"{w}: the stages end at block {start}, the model has {b.num_blocks} blocks")
-    kinds = [(s.segment, "segment", f"stages[{s.index}].segment") for s in b.stages]
+    step = "decode_step" if b.decoder is not None else None
+    kinds = [(s.segment, step or "segment", f"stages[{s.index}].segment") for s in b.stages]
     kinds += [(s.exit.graph, "exit", f"stages[{s.index}].exit.graph") for s in b.stages if s.exit]
-    for graph, kind, at in (*kinds, (b.full, "full", "full")):
+    kinds.append((b.full, step or "full", "full"))
+    if b.decoder is not None:
+        d = b.decoder
+        kinds += [(d.encode, "prefill", "decoder.encode"), (d.prefill, "prefill", "decoder.prefill")]
+        kinds += [(g, "state_fill", f"decoder.fills[{i}]") for i, g in enumerate(d.fills)]
+    for graph, kind, at in kinds:
         if graph.kind != kind:
             raise error(f"{w}: {at} must be a graph of kind {kind!r}, found {graph.kind!r}")
     keys = [g.key for g in b.graphs]
@@ -112,6 +123,66 @@ def _check_tensors(b: "Bundle", w: str, error: _Error) -> None:
     if _roles(b.full, "out") != list(FINAL_DECISION):
         raise error(f"{w}: 'full' must output the final logits, confidence and prediction")
     _check_decisions(b, w, error)
+
+
+def _kv_layers(g: "GraphSpec", side: str, role: str) -> list[int]:
+    return sorted(t.layer for t in (g.inputs if side == "in" else g.outputs) if t.role == role)
+
+
+def _check_decoder(b: "Bundle", w: str, error: _Error) -> None:
+    """A generative plan: each graph reads and writes the keys and values of exactly its layers, every
+    tensor name means one tensor, and each graph's other inputs come from the caller, the loop or an
+    earlier graph."""
+    d = b.decoder
+    if d.num_layers != b.num_blocks:
+        raise error(f"{w}: decoder.num_layers is {d.num_layers}, the chain covers {b.num_blocks} blocks")
+    if len(d.fills) != len(b.stages) - 1:
+        raise error(f"{w}: decoder.fills must hold one state fill per stage after the first "
+                    f"({len(b.stages) - 1}), found {len(d.fills)}")
+    seen: dict[str, tuple] = {t.name: (t.dtype, t.shape, t.role, t.layer) for t in b.inputs}
+    for g in b.graphs:
+        for t in (*g.inputs, *g.outputs):
+            if not t.shape or t.shape[0] != "batch":
+                raise error(f"{w}: tensor {t.name} of graph {g.key} must have 'batch' as its first axis")
+            if seen.setdefault(t.name, (t.dtype, t.shape, t.role, t.layer)) != (t.dtype, t.shape, t.role, t.layer):
+                raise error(f"{w}: tensor {t.name} is declared with two different dtypes, shapes, roles or layers "
+                            f"(graph {g.key})")
+            if t.layer is not None and t.layer >= d.num_layers:
+                raise error(f"{w}: tensor {t.name} of graph {g.key} names layer {t.layer} of {d.num_layers}")
+    every = list(range(d.num_layers))
+
+    def expect(g: "GraphSpec", side: str, role: str, layers: list[int], at: str) -> None:
+        if _kv_layers(g, side, role) != layers:
+            raise error(f"{w}: {at} must {'read' if side == 'in' else 'write'} {role} of layers {layers}, "
+                        f"found {_kv_layers(g, side, role)}")
+
+    for role in ("new_keys", "new_values"):
+        expect(d.prefill, "out", role, every, "decoder.prefill")
+        expect(b.full, "out", role, every, "full")
+    for role in ("past_keys", "past_values"):
+        expect(b.full, "in", role, every, "full")
+    for s in b.stages:
+        mine = list(range(*s.blocks))
+        for role in ("past_keys", "past_values", "new_keys", "new_values"):
+            expect(s.segment, "in" if role.startswith("past") else "out", role, mine, f"stages[{s.index}].segment")
+        if s.index > 0:
+            for role in ("new_keys", "new_values"):
+                expect(d.fills[s.index - 1], "out", role, mine, f"decoder.fills[{s.index - 1}]")
+        if s.exit is not None:  # the exit attends over the cache of the layer that runs next
+            for role in ("past_keys", "past_values"):
+                expect(s.exit.graph, "in", role, [s.exit.block], f"stages[{s.index}].exit.graph")
+            if _roles(s.exit.graph, "out") != list(EXIT_DECISION):
+                raise error(f"{w}: stages[{s.index}].exit.graph must output exit logits, confidence and prediction")
+            if [r for r in _roles(s.segment, "out") if r not in ("new_keys", "new_values")] != ["hidden"]:
+                raise error(f"{w}: stages[{s.index}].segment must output the hidden state and its layers' keys "
+                            "and values")
+        elif [r for r in _roles(s.segment, "out") if r not in ("new_keys", "new_values")] != list(FINAL_DECISION):
+            raise error(f"{w}: the last stage's segment must output the final decision and its layers' keys and values")
+    for g, at in ((b.full, "full"), (d.prefill, "decoder.prefill")):
+        if [r for r in _roles(g, "out") if r not in ("new_keys", "new_values")] != list(FINAL_DECISION):
+            raise error(f"{w}: {at} must output the final decision and every layer's keys and values")
+    if _roles(d.encode, "out") != ["prefix"] or "prefix" not in _roles(d.prefill, "in"):
+        raise error(f"{w}: decoder.encode must output the image prefix, and decoder.prefill read it")
 
 
 def _check_decisions(b: "Bundle", w: str, error: _Error) -> None:

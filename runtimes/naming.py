@@ -16,17 +16,51 @@ version-1 manifests, whose plan was implied by exactly these names.
     logits, confidence, prediction               the final head's decision
     onnx/<key>.onnx, onnx/<precision>/<key>.onnx the graph's file per precision
     <key>.plan       a TensorRT engine inside engines/<target-key>/
+
+A decoder's bundle (task generate) adds:
+
+    encode, prefill, full_step     graph keys: image -> prefix; the prompt through every layer; the
+                                   monolithic decode step (the baseline)
+    step_<k>, exit_<k>, fill_<k>   decode-step segment k, its exit, and stage k's state fill
+    past_key_<l>, past_value_<l>   layer l's cached keys / values going in (0-based layer)
+    key_<l>, value_<l>             the new tokens' keys / values of layer l coming out
+    token_ids, positions, past_mask, prefix, prompt_ids, prompt_mask, exit_hidden
+    first_logits, first_confidence, first_prediction   the prefill's decision (the first new token)
 """
 
 from __future__ import annotations
 
-__all__ = ["FULL", "TOKEN_MASK", "is_hidden_name", "FINAL_DECISION", "segment_key", "exit_key", "hidden_name", "exit_decision", "onnx_file",
+__all__ = ["ENCODE", "PREFILL", "FULL_STEP", "TOKEN_IDS", "POSITIONS", "PAST_MASK", "PREFIX", "PROMPT_IDS",
+           "PROMPT_MASK", "EXIT_HIDDEN", "FIRST_DECISION", "step_key", "fill_key", "past_kv", "new_kv",
+           "FULL", "TOKEN_MASK", "is_hidden_name", "FINAL_DECISION", "segment_key", "exit_key", "hidden_name", "exit_decision", "onnx_file",
            "plan_file", "DECISION_FIELDS"]
 
 FULL = "full"
 TOKEN_MASK = "token_mask"  # the mask segment 0 computes when the blocks' tokens are not the input tokens
 DECISION_FIELDS = ("logits", "confidence", "prediction")  # the order a head's graph emits them in
 FINAL_DECISION = DECISION_FIELDS
+
+
+ENCODE, PREFILL, FULL_STEP = "encode", "prefill", "full_step"
+TOKEN_IDS, POSITIONS, PAST_MASK = "token_ids", "positions", "past_mask"
+PREFIX, PROMPT_IDS, PROMPT_MASK, EXIT_HIDDEN = "prefix", "prompt_ids", "prompt_mask", "exit_hidden"
+FIRST_DECISION = ("first_logits", "first_confidence", "first_prediction")
+
+
+def step_key(k: int) -> str:
+    return f"step_{k}"
+
+
+def fill_key(k: int) -> str:
+    return f"fill_{k}"
+
+
+def past_kv(layer: int) -> tuple[str, str]:
+    return f"past_key_{layer}", f"past_value_{layer}"
+
+
+def new_kv(layer: int) -> tuple[str, str]:
+    return f"key_{layer}", f"value_{layer}"
 
 
 def segment_key(k: int) -> str:

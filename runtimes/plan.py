@@ -19,11 +19,13 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from runtimes import naming
-from runtimes.bundle import EXIT_DECISION, FINAL_DECISION, BatchSpec, Bundle, ExitSpec, GraphSpec, StageSpec, TensorSpec
+from runtimes.bundle import (EXIT_DECISION, FINAL_DECISION, BatchSpec, Bundle, DecoderSpec, ExitSpec, GraphSpec,
+                             StageSpec, TensorSpec)
 from runtimes.errors import BundleError
 from runtimes.preprocess import Spec
 
-__all__ = ["GraphLayout", "classifier_layout", "classifier_bundle", "segment_bounds"]
+__all__ = ["GraphLayout", "classifier_layout", "classifier_bundle", "segment_bounds", "decoder_layout",
+           "decoder_bundle"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class GraphLayout:
     outputs: tuple[tuple[str, str], ...]
     stage: int | None = None  # chain position of a segment or exit; None for the full graph
     blocks: tuple[int, int] | None = None  # a segment's 0-based half-open block range
+    layers: Mapping[str, int] | None = None  # a decoder's key/value tensors: name -> 0-based layer
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -87,7 +90,8 @@ def _graph(g: GraphLayout, io: Mapping[str, tuple[Sequence[TensorSpec], Sequence
         names = [t.name for t in got]
         if names != [n for n, _ in want]:
             raise BundleError(f"{g.key} was exported with {side} {names}, its layout says {[n for n, _ in want]}")
-        specs.append(tuple(replace(t, role=role) for t, (_, role) in zip(got, want)))
+        layers = g.layers or {}
+        specs.append(tuple(replace(t, role=role, layer=layers.get(t.name)) for t, (_, role) in zip(got, want)))
     return GraphSpec(g.key, g.kind, {p: naming.onnx_file(g.key, p) for p in precisions}, specs[0], specs[1])
 
 
@@ -118,3 +122,82 @@ def classifier_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequ
                   stages=tuple(stages), full=full, num_blocks=num_blocks, files=dict(files or {}),
                   provenance=dict(provenance or {}))
 
+
+
+def _kv(layers: Sequence[int], past: bool) -> tuple[tuple[tuple[str, str], ...], dict[str, int]]:
+    """(name, role) pairs of the keys and values of ``layers``, going in (past) or coming out (new)."""
+    pairs, index = [], {}
+    for layer in layers:
+        names = naming.past_kv(layer) if past else naming.new_kv(layer)
+        roles = ("past_keys", "past_values") if past else ("new_keys", "new_values")
+        pairs += list(zip(names, roles))
+        index.update({n: layer for n in names})
+    return tuple(pairs), index
+
+
+def decoder_layout(image_input: str, exits: Sequence[int], num_blocks: int) -> tuple[GraphLayout, ...]:
+    """Every graph of an early-exit decoder: encode, prefill, then per stage its decode step, exit and
+    state fill, then the monolithic decode step ``full_step``."""
+    bounds = segment_bounds(exits, num_blocks)
+    every = range(num_blocks)
+    step_in = ((naming.TOKEN_IDS, "token_ids"), (naming.POSITIONS, "positions"))
+    mask = ((naming.PAST_MASK, "sequence_mask"),)
+    final = tuple(zip(naming.FINAL_DECISION, FINAL_DECISION))
+    new_all, new_index = _kv(every, past=False)
+    past_all, past_index = _kv(every, past=True)
+    out = [GraphLayout(naming.ENCODE, "prefill", ((image_input, "model_input"),), ((naming.PREFIX, "prefix"),)),
+           GraphLayout(naming.PREFILL, "prefill", ((naming.PREFIX, "prefix"), (naming.PROMPT_IDS, "token_ids"),
+                                                    (naming.PROMPT_MASK, "sequence_mask")),
+                       (*zip(naming.FIRST_DECISION, FINAL_DECISION), *new_all), layers=new_index)]
+    fills = []
+    for k, (lo, hi) in enumerate(bounds):
+        past, pidx = _kv(range(lo, hi), past=True)
+        new, nidx = _kv(range(lo, hi), past=False)
+        ins = step_in if k == 0 else ((naming.hidden_name(exits[k - 1]), "hidden"),)
+        last = k == len(exits)
+        outs = final if last else ((naming.hidden_name(exits[k]), "hidden"),)
+        out.append(GraphLayout(naming.step_key(k), "decode_step", (*ins, *mask, *past), (*outs, *new), k, (lo, hi),
+                               {**pidx, **nidx}))
+        if not last:
+            shared, sidx = _kv((exits[k],), past=True)  # the exit reads the next layer's cache
+            out.append(GraphLayout(naming.exit_key(k), "exit", ((naming.hidden_name(exits[k]), "hidden"), *mask, *shared),
+                                   tuple(zip(naming.exit_decision(k), EXIT_DECISION)), k, layers=sidx))
+        if k > 0:
+            fills.append(GraphLayout(naming.fill_key(k), "state_fill", ((naming.EXIT_HIDDEN, "hidden"),), new, k,
+                                     (lo, hi), nidx))
+    out += fills
+    out.append(GraphLayout(naming.FULL_STEP, "decode_step", (*step_in, *mask, *past_all), (*final, *new_all),
+                           layers={**past_index, **new_index}))
+    return tuple(out)
+
+
+def decoder_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequence[TensorSpec], Sequence[TensorSpec]]],
+                   *, name: str, preprocess: Spec, num_blocks: int, batch: BatchSpec, tokens: Mapping[str, int],
+                   tokenizer_file: str, num_query_tokens: int, max_positions: int,
+                   confidence: str = "max_softmax", thresholds: Sequence[float | None] | None = None,
+                   head_costs: Sequence[float] | None = None, precisions: Sequence[str] = ("fp32",),
+                   files: Mapping[str, str] | None = None, provenance: Mapping[str, Any] | None = None) -> Bundle:
+    """A generative bundle (task ``generate``) from a decoder layout and the specs of its graphs;
+    ``tokens`` holds bos, eos, pad and vocab_size."""
+    graphs = {g.key: _graph(g, io, precisions) for g in layout}
+    steps = [g for g in layout if g.kind == "decode_step" and g.stage is not None]
+    n_exits = len(steps) - 1
+    thresholds = list(thresholds) if thresholds is not None else [None] * n_exits
+    costs = list(head_costs) if head_costs is not None else [1.0] * n_exits
+    stages = []
+    for g in steps:
+        k = g.stage
+        exit_spec = None
+        if k < n_exits:
+            exit_spec = ExitSpec(g.blocks[1], graphs[naming.exit_key(k)], confidence, thresholds[k], "full-block",
+                                 costs[k])
+        stages.append(StageSpec(k, g.blocks, graphs[g.key], exit_spec))
+    decoder = DecoderSpec(encode=graphs[naming.ENCODE], prefill=graphs[naming.PREFILL],
+                          fills=tuple(graphs[naming.fill_key(k)] for k in range(1, len(steps))),
+                          tokenizer_file=tokenizer_file, bos_id=int(tokens["bos"]), eos_id=int(tokens["eos"]),
+                          pad_id=int(tokens["pad"]), vocab_size=int(tokens["vocab_size"]), num_layers=num_blocks,
+                          num_query_tokens=num_query_tokens, max_positions=max_positions)
+    encode = graphs[naming.ENCODE]
+    return Bundle(name=name, labels=(), preprocess=preprocess, inputs=encode.inputs, batch=batch,
+                  stages=tuple(stages), full=graphs[naming.FULL_STEP], num_blocks=num_blocks, files=dict(files or {}),
+                  task="generate", provenance=dict(provenance or {}), decoder=decoder)

@@ -19,11 +19,17 @@ from typing import Any, Mapping
 from runtimes.errors import BundleError, FreedeployError
 from runtimes.typed import from_dict, to_dict
 
-__all__ = ["PRECISIONS", "StageCosts", "ExitChoice", "Certificate", "GraphBuild", "EngineSet", "FileCheck", "Mismatch",
-           "ChainParity", "PrecisionCheck", "ValidationReport", "read_json_record", "BUILD_SCHEMA", "VALIDATION_FILE",
+__all__ = ["PRECISIONS", "ENGINE_PRECISIONS", "INT8_HEADS", "StageCosts", "ExitChoice", "Certificate", "GraphBuild", "EngineSet", "FileCheck", "Mismatch",
+           "ChainParity", "PrecisionCheck", "DecodeCheck", "ValidationReport", "read_json_record", "BUILD_SCHEMA", "VALIDATION_FILE",
            "check_thresholds", "schemas"]
 
-PRECISIONS = ("fp32", "fp16", "int8")
+# what TensorRT builds: the precision is inside the ONNX (fp16 mixed, or explicit Q/DQ int8)
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
+# fp32 segments, exit heads with int8 weights (ONNX Runtime's integer MatMul, dequantized per channel):
+# a one-token head is bound by reading its weights at batch 1, and this reads a quarter of them.
+# ONNX Runtime only: TensorRT does not parse the integer MatMul.
+INT8_HEADS = "int8-heads"
+PRECISIONS = (*ENGINE_PRECISIONS, INT8_HEADS)
 BUILD_SCHEMA = 1
 VALIDATION_FILE = "validation.json"
 _Error = type[FreedeployError]
@@ -148,7 +154,7 @@ class EngineSet(_Record):
 
     schema: int
     key: str  # the target key, also the directory name
-    precision: str = field(metadata={"choices": PRECISIONS})
+    precision: str = field(metadata={"choices": ENGINE_PRECISIONS})
     tensorrt_version: str
     graphs: Mapping[str, GraphBuild]
     bundle: str = ""
@@ -176,7 +182,23 @@ class FileCheck(_Record):
     file: str
     output: str
     batch: int
-    max_abs_diff: float
+    max_abs_diff: float  # of a float output; for a token output, how many differ beyond a near-tie
+    past: int | None = field(default=None, metadata={"omit_none": True})  # a decoder graph's past length
+
+
+@dataclass(frozen=True)
+class DecodeCheck(_Record):
+    """A generative bundle: greedy decoding by the chained ONNX graphs against the torch reference on
+    every test sample, with exits off and with every exit on at ``threshold``."""
+
+    sequences: int
+    max_new: int
+    tokens_exits_off: int
+    mismatched_exits_off: int  # sequences whose tokens or exits differ from torch's
+    threshold: float
+    tokens_exits_on: int
+    mismatched_exits_on: int
+    exits_taken: Mapping[str, int]  # exits on: tokens per exit index ("0", ...; the final head last)
 
 
 @dataclass(frozen=True)
@@ -210,6 +232,11 @@ class PrecisionCheck(_Record):
     final_accuracy_fp32: float
     final_accuracy: float
     accuracy_change: float
+    exit_accuracy_change: tuple[float, ...] = ()  # per exit head, this precision's test accuracy minus fp32's
+
+    @property
+    def worst_accuracy_change(self) -> float:
+        return min((self.accuracy_change, *self.exit_accuracy_change))
 
 
 @dataclass(frozen=True)
@@ -223,6 +250,8 @@ class ValidationReport(_Record):
     chain_parity: ChainParity | None = None
     torch_test_accuracy: float | None = None
     precision: PrecisionCheck | None = None
+    head_weights: PrecisionCheck | None = None
+    decoding: DecodeCheck | None = field(default=None, metadata={"omit_none": True})  # generative bundles  # int8-heads against fp32, when exported with them
 
     def with_precision(self, check: PrecisionCheck) -> "ValidationReport":
         return replace(self, precision=check)

@@ -23,13 +23,13 @@ import numpy as np
 
 from runtimes.backends import Backend, get_backend
 from runtimes.backends.base import device_form
-from runtimes.bundle import Bundle, load_bundle
+from runtimes.bundle import INT8_HEADS, Bundle, load_bundle
 from runtimes.chain import POLICIES, ChainOutput, RecordOutput, record_chain, run_chain, run_full
 from runtimes.errors import BackendUnavailableError, ConfigError, InputError
 from runtimes.preprocess import ImageTextSpec, make_encoder
 from runtimes.result import Prediction, Result
 
-__all__ = ["Runtime", "Result", "Prediction"]
+__all__ = ["Runtime", "Result", "Prediction", "default_precision"]
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,13 @@ class Runtime:
         self.close()
 
 
+def default_precision(backend: str, bundle: Bundle) -> str:
+    """What runs when no precision is asked for: fp16 engines on TensorRT; on ONNX Runtime the int8-weight
+    heads when the bundle was exported with them (``--head-weights int8`` asked for them); else fp32."""
+    preferred = {"tensorrt": "fp16", "onnxruntime": INT8_HEADS}.get(backend)
+    return preferred if preferred in bundle.precisions else "fp32"
+
+
 def _make(name: str, bundle: Bundle, precision: str | None, device: str, options: dict[str, Any]) -> Backend:
-    chosen = precision or ("fp16" if name == "tensorrt" and "fp16" in bundle.precisions else "fp32")
+    chosen = precision or default_precision(name, bundle)
     return get_backend(name)(bundle, precision=chosen, device=device, **options)

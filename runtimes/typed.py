@@ -10,6 +10,7 @@ unknown fields, enumerations, finite numbers, integers that fit in 64 bits. What
 Field metadata understood here and by ``runtimes.schema``:
 ``{"choices": (...)}`` an enumeration; ``{"json": False}`` not serialised (runtime-only);
 ``{"required": True}`` required in a file although Python has a default (a builder fills it);
+``{"omit_none": True}`` left out of the file when None (an optional field added later);
 ``{"parse": fn, "dump": fn, "schema": {...}}`` a field with its own codec: ``fn(data, where, error)``
 (a preprocessing spec, whose ``kind`` says which record it is).
 """
@@ -54,6 +55,8 @@ def to_dict(obj: Any) -> Any:
         out = {}
         for f in json_fields(type(obj)):
             value = getattr(obj, f.name)
+            if value is None and f.metadata.get("omit_none"):
+                continue  # an optional field older readers never saw: absent, not null
             dump = f.metadata.get("dump")
             out[f.name] = dump(value) if dump and value is not None else to_dict(value)
         return out

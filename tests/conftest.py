@@ -122,3 +122,58 @@ def micro_vqa_bundle(micro_vqa_run, tmp_path_factory: pytest.TempPathFactory):
     from freedeploy.exporting import export_run
 
     return export_run(micro_vqa_run, tmp_path_factory.mktemp("bundles") / "vqa", target="onnx", max_batch=16)
+
+
+# -- a generative bundle: a random tiny BLIP-2 (OPT) decoder with exits, exported and validated ----------------
+DECODER_VOCAB, DECODER_EOS = 40, 2
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder():
+    import torch
+    from transformers import Blip2ForConditionalGeneration
+
+    from freedeploy.generative.model import EarlyExitDecoder, blip2_tiny_config
+
+    torch.manual_seed(0)
+    hf = Blip2ForConditionalGeneration(blip2_tiny_config(DECODER_VOCAB, num_hidden_layers=4, max_positions=32)).eval()
+    m = EarlyExitDecoder(hf, [1, 2]).eval()
+    with torch.no_grad():  # exits that differ from the layer they were copied from
+        for p in m.heads.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m
+
+
+@pytest.fixture(scope="session")
+def decoder_data():
+    import numpy as np
+
+    from exporters.decoder_export import DecoderExportData
+
+    rng = np.random.default_rng(0)
+    n, v = 5, DECODER_VOCAB
+    prompts = [[1, *map(int, rng.integers(4, v - 1, size=int(rng.integers(0, 4))))] for _ in range(n)]
+    targets = [[*map(int, rng.integers(4, v - 1, size=4)), DECODER_EOS] for _ in range(n)]
+    return DecoderExportData(rng.normal(size=(n, 3, 32, 32)).astype(np.float32), prompts, targets, max_new=6)
+
+
+def decoder_reference(model):
+    """The torch reference decoder the exported chain must equal."""
+    from freedeploy.generative.decode import greedy
+
+    return lambda image, prompt, max_new, thresholds: greedy(model, image, prompt, max_new, DECODER_EOS,
+                                                             thresholds=thresholds)
+
+
+@pytest.fixture(scope="session")
+def decoder_bundle(tiny_decoder, decoder_data, tmp_path_factory: pytest.TempPathFactory):
+    from exporters.config import ExportConfig
+    from exporters.decoder_export import export_decoder_bundle
+    from runtimes.preprocess import ImageSpec
+
+    tok = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.write_text("{}")
+    return export_decoder_bundle(tiny_decoder, data=decoder_data, out=tmp_path_factory.mktemp("gen") / "b",
+                                 cfg=ExportConfig(), preprocess=ImageSpec((32, 32)),
+                                 tokens={"bos": 1, "eos": DECODER_EOS, "pad": 0, "vocab_size": DECODER_VOCAB},
+                                 tokenizer_file=tok, provenance={}, reference=decoder_reference(tiny_decoder))

@@ -189,6 +189,22 @@ def _rejecting_uniform_images(monkeypatch: pytest.MonkeyPatch) -> None:
         return run(self, outputs, feeds, *args, **kwargs)
 
     monkeypatch.setattr(onnxruntime.InferenceSession, "run", rejecting)
+    # the batch-1 path binds its inputs once (I/O binding): reject there too, on what was bound
+    bound: dict[tuple[int, str], np.ndarray] = {}
+    bind, run_bound = onnxruntime.IOBinding.bind_cpu_input, onnxruntime.InferenceSession.run_with_iobinding
+
+    def binding(self, name, array):
+        bound[id(self), name] = array
+        return bind(self, name, array)
+
+    def rejecting_bound(self, iobinding, *args, **kwargs):
+        x = bound.get((id(iobinding), "pixel_values"))
+        if x is not None and (np.ptp(x.reshape(len(x), -1), axis=1) == 0).any():
+            raise InvalidArgument("Error in execution: a value this model cannot take")
+        return run_bound(self, iobinding, *args, **kwargs)
+
+    monkeypatch.setattr(onnxruntime.IOBinding, "bind_cpu_input", binding)
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run_with_iobinding", rejecting_bound)
 
 
 def test_one_bad_input_does_not_end_the_run(micro_bundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

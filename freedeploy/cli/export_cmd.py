@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from exporters.config import TARGETS, BuildDefaults, ExportConfig
+from exporters.config import HEAD_WEIGHTS, TARGETS, BuildDefaults, ExportConfig
 from freedeploy.cli.choices import CONFIDENCE_CHOICES, TRT_TARGETS
 from freedeploy.cli.output import emit_json, note, table
 from freedeploy.settings import AUTO, EXIT_HEADS
@@ -61,22 +61,27 @@ class TargetType(click.ParamType):
               show_default=True,
               help="auto: exit graphs evaluate their block for the pooled [CLS] token only where the model pools it "
                    "(same results, a fraction of the cost); full-block keeps the whole block.")
+@click.option("--head-weights", type=click.Choice(HEAD_WEIGHTS), default=export_default("head_weights"),
+              show_default=True,
+              help="int8: also write the exit heads with int8 weights (precision int8-heads, validated against fp32; "
+                   "ONNX Runtime uses it by default). At batch 1 a head's time is reading its weights.")
 @click.option("--max-accuracy-drop", type=click.FloatRange(0, 1), default=export_default("max_accuracy_drop"),
               show_default=True,
-              help="fp16 / int8: allowed test-accuracy loss against fp32 before the export fails.")
+              help="fp16 / int8 / int8-heads: allowed test-accuracy loss against fp32, at any head, before the "
+                   "export fails.")
 @click.option("--no-validate", is_flag=True, help="Skip validation against torch (not recommended).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True)
 def export(run_dir: str, target: str, out: str | None, max_batch: int, opt_batch: int, opset: int,
-           calib_samples: int, confidence: str, exit_head: str, max_accuracy_drop: float, no_validate: bool, overwrite: bool,
-           as_json: bool) -> None:
+           calib_samples: int, confidence: str, exit_head: str, head_weights: str, max_accuracy_drop: float,
+           no_validate: bool, overwrite: bool, as_json: bool) -> None:
     """Export a run dir to a bundle: every segment and exit head as ONNX, validated against torch."""
     from freedeploy.exporting import export_run
 
     out_path = Path(out or f"bundles/{Path(run_dir).name}")
     result = export_run(Path(run_dir), out_path, target=target, max_batch=max_batch, opt_batch=opt_batch,
                         opset=opset, calib_samples=calib_samples, confidence=confidence, exit_head=exit_head,
-                        max_accuracy_drop=max_accuracy_drop, validate=not no_validate, overwrite=overwrite,
+                        head_weights=head_weights, max_accuracy_drop=max_accuracy_drop, validate=not no_validate, overwrite=overwrite,
                         progress=None if as_json else note)
     build = _maybe_build(out_path, target, as_json)
     if as_json:
@@ -116,15 +121,28 @@ def _export_summary(v: "ValidationReport") -> str:
     worst: dict[str, float] = {}
     for row in v.files:
         worst[row.file] = max(worst.get(row.file, 0.0), row.max_abs_diff)
-    lines = [table(["file", "max abs diff vs torch (batch 1 and 5)"], [[f, f"{d:.2e}"] for f, d in worst.items()])]
+    batches = " and ".join(str(b) for b in sorted({r.batch for r in v.files}))
+    pasts = sorted({r.past for r in v.files if r.past is not None})
+    at = f"batch {batches}" + (f", past {' and '.join(map(str, pasts))}" if pasts else "")
+    lines = [table(["file", f"max abs diff vs torch ({at})"], [[f, f"{d:.2e}"] for f, d in worst.items()])]
     p = v.chain_parity
-    lines.append(f"chained ONNX Runtime vs torch on {p.n} test samples: "
-                 f"{'identical predictions' if p.equal else 'MISMATCH'} (per head: {list(p.mismatches_per_head)})")
-    if v.precision is not None:
-        r = v.precision
+    if p is not None:
+        lines.append(f"chained ONNX Runtime vs torch on {p.n} test samples: "
+                     f"{'identical predictions' if p.equal else 'MISMATCH'} (per head: {list(p.mismatches_per_head)})")
+    d = v.decoding
+    if d is not None:
+        lines.append(f"greedy decoding, chained ONNX Runtime vs torch on {d.sequences} test samples: exits off "
+                     f"{d.sequences - d.mismatched_exits_off} identical ({d.tokens_exits_off} tokens), every exit on at "
+                     f"{d.threshold:g} {d.sequences - d.mismatched_exits_on} identical ({d.tokens_exits_on} tokens; "
+                     "tokens per exit: " + ", ".join(f"{k}: {n}" for k, n in sorted(d.exits_taken.items())) + ")")
+    for r in (v.precision, v.head_weights):
+        if r is None:
+            continue
         lines.append(f"{r.precision} vs fp32: exit-decision agreement at threshold {r.reference_threshold}: "
                      + ", ".join(f"{100 * a:.2f}%" for a in r.exit_decision_agreement)
-                     + f"; test accuracy {100 * r.final_accuracy:.2f}% ({100 * r.accuracy_change:+.2f} points)")
+                     + f"; test accuracy {100 * r.final_accuracy:.2f}% ({100 * r.accuracy_change:+.2f} points)"
+                     + (f", exit heads {', '.join(f'{100 * c:+.2f}' for c in r.exit_accuracy_change)} points"
+                        if r.exit_accuracy_change else ""))
     return "\n".join(lines)
 
 

@@ -32,12 +32,15 @@ def describe(bundle_dir: Path) -> dict[str, Any]:
             per_file[f["file"]] = max(per_file.get(f["file"], 0.0), float(f["max_abs_diff"]))
         validation = {"validated": v.get("validated"), "max_abs_diff": v.get("max_abs_diff"),
                       "tolerance": v.get("tolerance"), "per_file": per_file,
-                      "chain_parity": (v.get("chain_parity") or {}).get("equal"), "precision": v.get("precision")}
+                      "chain_parity": (v.get("chain_parity") or {}).get("equal"), "precision": v.get("precision"),
+                      "head_weights": v.get("head_weights"), "decoding": v.get("decoding")}
     return {"name": b.name, "schema_version": b.schema_version, "file_schema_version": b.loaded_version,
             "labels": list(b.labels),
             "preprocess": b.preprocess.to_dict(), "inputs": [(t.name, t.dtype, list(t.shape)) for t in b.inputs],
             "batch": vars(b.batch), "num_blocks": b.num_blocks, "precisions": list(b.precisions),
-            "stages": stages, "files": len(b.files),
+            "stages": stages, "files": len(b.files), "task": b.task,
+            "decoder": None if b.decoder is None else {
+                k: v for k, v in vars(b.decoder).items() if k not in ("encode", "prefill", "fills")},
             "calibration": {k: c.to_dict() for k, c in (b.calibration or {}).items()} or None, "validation": validation,
             "engines": _engines(bundle_dir)}
 
@@ -65,8 +68,11 @@ def inspect(bundle_dir: str, as_json: bool) -> None:
     migrated = info["file_schema_version"] != info["schema_version"]
     schema = f"schema {info['file_schema_version']}, read as {info['schema_version']}" if migrated else \
         f"schema {info['schema_version']}"
-    click.echo(f"bundle {info['name']} ({schema}): {info['num_blocks']} blocks, "
-               f"{len(info['labels'])} classes, precisions {', '.join(info['precisions'])}, "
+    d = info["decoder"]
+    what = (f"a decoder: vocabulary {d['vocab_size']}, {d['num_query_tokens']} image tokens, "
+            f"{d['max_positions']} positions" if d else f"{len(info['labels'])} classes")
+    click.echo(f"bundle {info['name']} ({schema}, {info['task']}): {info['num_blocks']} blocks, "
+               f"{what}, precisions {', '.join(info['precisions'])}, "
                f"batch {info['batch']['min']}..{info['batch']['max']} (opt {info['batch']['opt']})")
     click.echo("inputs: " + ", ".join(f"{n} {d} {s}" for n, d, s in info["inputs"]))
     rows = [[s["stage"], f"{s['blocks'][0]}..{s['blocks'][1]}", s.get("exit_block", "final"),
@@ -76,18 +82,26 @@ def inspect(bundle_dir: str, as_json: bool) -> None:
     v = info["validation"]
     if v and v["validated"]:
         click.echo(table(["file", "max abs diff vs torch"], [[f, f"{d:.3g}"] for f, d in v["per_file"].items()]))
-        click.echo(f"validation: max abs diff {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:g}), chained "
-                   f"predictions equal torch: {v['chain_parity']}")
+        parity = "" if v["chain_parity"] is None else f", chained predictions equal torch: {v['chain_parity']}"
+        click.echo(f"validation: max abs diff {v['max_abs_diff']:.3g} (tolerance {v['tolerance']:g}){parity}")
     elif v:
         click.echo("validation: skipped at export")
-    p = (v or {}).get("precision")
-    if p:
+    for p in ((v or {}).get("precision"), (v or {}).get("head_weights")):
+        if not p:
+            continue
         pct = lambda xs: " / ".join(f"{100 * x:.1f}" for x in xs)  # noqa: E731
         blocks = " / ".join(str(s["exit_block"]) for s in info["stages"] if "exit_block" in s)
         click.echo(f"{p['precision']} vs fp32 (test split, exits at blocks {blocks}, then the final head): "
                    f"exit decisions agree {pct(p['exit_decision_agreement'])} % "
                    f"at threshold {p['reference_threshold']:g}, predictions {pct(p['prediction_agreement'])} %, "
-                   f"accuracy change {100 * p['accuracy_change']:+.2f} points")
+                   f"accuracy change {100 * p['accuracy_change']:+.2f} points"
+                   + (" (exit heads " + " / ".join(f"{100 * x:+.2f}" for x in p["exit_accuracy_change"]) + " points)" if p.get("exit_accuracy_change") else ""))
+    dec = (v or {}).get("decoding")
+    if dec:
+        click.echo(f"greedy decoding, chained ONNX vs torch on {dec['sequences']} test samples: exits off "
+                   f"{dec['sequences'] - dec['mismatched_exits_off']} identical ({dec['tokens_exits_off']} tokens); "
+                   f"every exit on at {dec['threshold']:g}: {dec['sequences'] - dec['mismatched_exits_on']} identical "
+                   f"({dec['tokens_exits_on']} tokens)")
     cal = info["calibration"]
     if not cal:
         click.echo("calibration: none (every exit is off until `freedeploy calibrate`)")

@@ -48,11 +48,12 @@ def _literal(raw: str) -> Any:
 
 @click.command()
 @click.option("--model", default=_default("model"), show_default=True,
-              help="Preset (vit-tiny, deit-tiny, clip-tiny, bert-tiny, vilt-tiny), local Hugging Face directory or "
-                   "hub id, or an earlier run dir (its backbone and final head are reused).")
+              help="Preset (vit-tiny, deit-tiny, clip-tiny, bert-tiny, vilt-tiny, blip2-tiny), local Hugging Face "
+                   "directory or hub id, or an earlier run dir (its backbone and final head are reused).")
 @click.option("--data", default=_default("data"), show_default=True,
-              help="digits | tweets | vqa-digits | imagefolder:PATH | text:PATH[?text=COL&label=COL&encoding=ENC] "
-                   "| vqa:PATH (JSONL of image, question, answer)")
+              help="digits | tweets | vqa-digits | captions-digits | imagefolder:PATH "
+                   "| text:PATH[?text=COL&label=COL&encoding=ENC] | vqa:PATH (JSONL of image, question, answer) "
+                   "| captions:PATH (JSONL of image, text, prompt)")
 @click.option("--exits", callback=parse_exits, help="1-based blocks whose output feeds an exit, e.g. 2,4,6 "
               "[default: quarter points of the depth]")
 @click.option("--out", "out", type=click.Path(), help="Run dir to write [default: runs/<data>-<model>].")
@@ -98,6 +99,7 @@ def _literal(raw: str) -> Any:
 @click.option("--no-progress", is_flag=True, help="Hide progress bars.")
 def train(as_json: bool, no_progress: bool, out: str | None, **options: Any) -> None:
     """Train FREE early exits on a transformer and write a run dir."""
+    from freedeploy.generative.train import is_generative
     from freedeploy.train import train as run_train
 
     if options["device"] == "cuda":
@@ -109,6 +111,16 @@ def train(as_json: bool, no_progress: bool, out: str | None, **options: Any) -> 
             raise ConfigError("--device cuda was asked for but torch sees no CUDA device; use --device cpu")
     out = out or f"runs/{_slug(options['data'])}-{_slug(options['model'])}"
     cfg = TrainConfig(out=out, progress=not no_progress, **options)
+    if is_generative(cfg.model, cfg.data):  # a BLIP-2 decoder or image-to-text data: generative FREE
+        from freedeploy.generative.train import train_generative
+
+        result = train_generative(cfg, on_stage=None if as_json else note)
+        if as_json:
+            emit_json({"out": str(result.out), "metrics": result.metrics, "config": result.resolved})
+            return
+        click.echo(generative_summary(result.metrics["test"]))
+        click.echo(f"\nwrote {result.out} in {result.seconds:.0f} s")
+        return
     result = run_train(cfg, on_stage=None if as_json else note)
     if as_json:
         emit_json({"out": str(result.out), "metrics": result.metrics, "config": result.resolved})
@@ -123,6 +135,15 @@ def summary(m: dict[str, Any], exits: list[int]) -> str:
     rows.append(["final head", m["final_accuracy"], 1.0])
     text = table(["head", "test accuracy", "agreement with final"], rows)
     return f"{text}\noverthinking rate: {m['overthinking_rate']:.4f}  (n = {m['n']} test samples)"
+
+
+def generative_summary(m: dict[str, Any]) -> str:
+    rows = [[f"exit at block {e['block']}", e["token_accuracy"], e["token_agreement"], e["sequence_agreement"]]
+            for e in m["exits"]]
+    rows.append(["final head", m["final_token_accuracy"], 1.0, 1.0])
+    text = table(["head", "test token accuracy", "token agreement", "sequence agreement"], rows)
+    return (f"{text}\nfinal head exact match (greedy): {m['final_exact_match']:.4f}  (n = {m['decoded']} of "
+            f"{m['n']} test rows decoded; {m['tokens']} target tokens)")
 
 
 def _slug(text: str) -> str:

@@ -46,7 +46,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtimes.backends.base import Backend
-from runtimes.bundle import Bundle, decision_field
+from runtimes.bundle import ENGINE_PRECISIONS, Bundle, decision_field
 from runtimes.backends.tensorrt_device import (BUILD_FILE, BUILD_SCHEMA, ENGINES_DIR, DeviceInfo, cuda_check,
                                                detect_device, find_engine_dir, import_cudart, import_tensorrt,
                                                install_hint, read_build, target_key)
@@ -101,6 +101,9 @@ class TensorRTBackend(Backend):
                  cuda_graphs: bool = False, **options: Any) -> None:
         if options:  # never guess what an option meant
             raise ConfigError(f"the tensorrt backend takes {' and '.join(self.takes)}, not {', '.join(sorted(options))}")
+        if precision not in ENGINE_PRECISIONS:
+            raise ConfigError(f"precision {precision} runs on ONNX Runtime only (TensorRT does not parse its integer "
+                              f"MatMul); TensorRT runs {', '.join(ENGINE_PRECISIONS)}")
         super().__init__(bundle, precision, device)
         self.device_index = _device_index(device)
         self.cuda_graphs = bool(cuda_graphs)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runtimes.bundle import PRECISIONS, Bundle
+from runtimes.bundle import ENGINE_PRECISIONS, Bundle
 from runtimes.records import BUILD_SCHEMA, EngineSet, read_json_record
 from runtimes.errors import BackendUnavailableError, BundleError, ConfigError
 
@@ -129,8 +129,8 @@ def _slug(text: str, keep: str = "") -> str:
 
 def target_key(info: DeviceInfo, precision: str) -> str:
     """``trt10.3.0-sm87-nvidia-jetson-agx-orin-fp16``: TensorRT version, compute capability, device, precision."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"TensorRT builds precision {', '.join(ENGINE_PRECISIONS)}, not {precision!r}")
     major, minor = info.compute_capability
     return f"trt{_slug(info.tensorrt_version, keep='.')}-sm{major}{minor}-{_slug(info.device_name)}-{precision}"
 

@@ -171,7 +171,8 @@ class _Handle:
 
 
 def _dims(shape: list[Any]) -> tuple[int, ...]:
-    return tuple(-1 if d == "batch" else int(d) for d in shape)
+    """TensorRT's view of an ONNX shape: every named (dynamic) axis is -1."""
+    return tuple(-1 if isinstance(d, str) else int(d) for d in shape)
 
 
 # what the fake parser counts as "not a loadable ONNX file": unreadable, not a ModelProto, not a valid model
