@@ -27,7 +27,7 @@ import numpy as np
 from runtimes.bundle import Bundle, GraphSpec
 from runtimes.errors import ConfigError, InputError
 
-__all__ = ["Decoded", "DecodePlan", "greedy_decode"]
+__all__ = ["Decoded", "DecodePlan", "greedy_decode", "full_decode", "speculative_decode"]
 
 
 @dataclass
@@ -99,6 +99,65 @@ class _Cache:
             self.values[layer, :, at:at + n] = out[v]
 
 
+def _prefill(backend: Any, bundle: Bundle, plan: DecodePlan, image: np.ndarray, prompt_ids: Sequence[int],
+             max_new: int) -> tuple[_Cache, int, float, int]:
+    """encode + prefill: the cache filled for the prompt, the first token (final head), its confidence,
+    and the calls made."""
+    ids = np.asarray([list(prompt_ids)], dtype=np.int64)
+    start = bundle.decoder.num_query_tokens + ids.shape[1]
+    if ids.shape[1] < 1 or max_new < 1 or start + max_new > plan.max_positions:
+        raise InputError(f"a prompt of {ids.shape[1]} tokens and {max_new} new ones exceed the model's "
+                         f"{plan.max_positions} positions (of which {bundle.decoder.num_query_tokens} hold the image)")
+    state = backend.start({plan.image_input: np.ascontiguousarray(image, dtype=np.float32)})
+    backend.run(plan.encode.key, state)
+    state.update({plan.prompt_ids: ids, plan.prompt_mask: np.ones_like(ids)})
+    backend.run(plan.prefill.key, state)
+    out = backend.fetch(state, [t.name for t in plan.prefill.outputs])
+    new = plan.kv(plan.prefill.outputs, past=False)
+    cache = _Cache(plan.num_layers, plan.max_positions, out[new[0][1]].shape[-1])
+    cache.store(out, new, 0)
+    cache.length = start
+    conf_name, token_name = plan.prefill.decision
+    return cache, int(out[token_name][0]), float(out[conf_name][0]), 2
+
+
+def _step_state(backend: Any, plan: DecodePlan, cache: _Cache, tokens: Sequence[int]) -> dict[str, Any]:
+    """The first stage's inputs for ``tokens`` placed after the cache's current length."""
+    at, n = cache.length, len(tokens)
+    return backend.start({plan.token_ids: np.asarray([list(tokens)], np.int64),
+                          plan.positions: np.arange(at, at + n, dtype=np.int64)[None, :],
+                          plan.past_mask: cache.ones[:, :at]})
+
+
+def _run_stage(backend: Any, plan: DecodePlan, cache: _Cache, state: dict[str, Any], graph: GraphSpec) -> None:
+    """One decode-step graph: its layers' past in, its new keys and values written at the cache's end."""
+    cache.feed(state, plan.kv(graph.inputs, past=True))
+    backend.run(graph.key, state)
+    new = plan.kv(graph.outputs, past=False)
+    cache.store(backend.fetch(state, [n for _, k, v in new for n in (k, v)]), new, cache.length)
+
+
+def _exit_decision(backend: Any, plan: DecodePlan, cache: _Cache, state: dict[str, Any], head: GraphSpec) -> tuple[int, float]:
+    cache.feed(state, plan.kv(head.inputs, past=True))
+    backend.run(head.key, state)
+    conf_name, token_name = head.decision
+    got = backend.fetch(state, [conf_name, token_name])
+    return int(got[token_name][0, -1]), float(got[conf_name][0, -1])
+
+
+def _fill(backend: Any, plan: DecodePlan, cache: _Cache, state: dict[str, Any], after: int, upto: int) -> int:
+    """State propagation from the exit after stage ``after``: stages ``after + 1 .. upto - 1``."""
+    name = plan.hidden_out[after]
+    hidden = backend.fetch(state, [name])[name]
+    for k in range(after + 1, upto):
+        fill = plan.fills[k]
+        fstate = backend.start({plan.exit_hidden[k]: hidden})
+        backend.run(fill.key, fstate)
+        new = plan.kv(fill.outputs, past=False)
+        cache.store(backend.fetch(fstate, [n for _, k2, v in new for n in (k2, v)]), new, cache.length)
+    return max(0, upto - after - 1)
+
+
 def greedy_decode(backend: Any, bundle: Bundle, image: np.ndarray, prompt_ids: Sequence[int], max_new: int,
                   thresholds: Sequence[float | None] | None = None, plan: DecodePlan | None = None) -> Decoded:
     """Decode one sample: ``image`` is the model input (1, C, H, W), ``prompt_ids`` starts with BOS."""
@@ -107,65 +166,113 @@ def greedy_decode(backend: Any, bundle: Bundle, image: np.ndarray, prompt_ids: S
     thresholds = list(bundle.thresholds if thresholds is None else thresholds)
     if len(thresholds) != n_exits:
         raise ConfigError(f"{len(thresholds)} thresholds for {n_exits} exits")
-    ids = np.asarray([list(prompt_ids)], dtype=np.int64)
-    start = bundle.decoder.num_query_tokens + ids.shape[1]
-    if max_new < 1 or start + max_new > plan.max_positions:
-        raise InputError(f"a prompt of {ids.shape[1]} tokens and {max_new} new ones exceed the model's "
-                         f"{plan.max_positions} positions (of which {bundle.decoder.num_query_tokens} hold the image)")
-    state = backend.start({plan.image_input: np.ascontiguousarray(image, dtype=np.float32)})
-    backend.run(plan.encode.key, state)
-    state.update({plan.prompt_ids: ids, plan.prompt_mask: np.ones_like(ids)})
-    backend.run(plan.prefill.key, state)
-    out = backend.fetch(state, [t.name for t in plan.prefill.outputs])
-    calls = 2
-    width = out[plan.kv(plan.prefill.outputs, past=False)[0][1]].shape[-1]
-    cache = _Cache(plan.num_layers, plan.max_positions, width)
-    cache.store(out, plan.kv(plan.prefill.outputs, past=False), 0)
-    cache.length = start
-    conf_name, token_name = plan.prefill.decision
-    token, conf = int(out[token_name][0]), float(out[conf_name][0])
+    cache, token, conf, calls = _prefill(backend, bundle, plan, image, prompt_ids, max_new)
     result = Decoded([token], [n_exits], [conf])
     while len(result.tokens) < max_new and token != plan.eos:
-        at = cache.length
-        state = backend.start({plan.token_ids: np.asarray([[token]], np.int64),
-                               plan.positions: np.asarray([[at]], np.int64),
-                               plan.past_mask: cache.ones[:, :at]})
+        state = _step_state(backend, plan, cache, [token])
         for stage in plan.stages:
-            seg = stage.segment
-            cache.feed(state, plan.kv(seg.inputs, past=True))
-            backend.run(seg.key, state)
+            _run_stage(backend, plan, cache, state, stage.segment)
             calls += 1
-            new = plan.kv(seg.outputs, past=False)
-            cache.store(backend.fetch(state, [n for _, k, v in new for n in (k, v)]), new, at)
             if stage.exit is None:
-                conf_name, token_name = seg.decision
+                conf_name, token_name = stage.segment.decision
                 got = backend.fetch(state, [conf_name, token_name])
                 token, conf = int(got[token_name][0, -1]), float(got[conf_name][0, -1])
                 result.exits.append(n_exits)
                 break
             if thresholds[stage.index] is None:
                 continue
-            head = stage.exit.graph
-            cache.feed(state, plan.kv(head.inputs, past=True))
-            backend.run(head.key, state)
+            candidate, conf = _exit_decision(backend, plan, cache, state, stage.exit.graph)
             calls += 1
-            conf_name, token_name = head.decision
-            got = backend.fetch(state, [conf_name, token_name])
-            conf = float(got[conf_name][0, -1])
             if conf >= thresholds[stage.index]:
-                token = int(got[token_name][0, -1])
-                hidden = backend.fetch(state, [plan.hidden_out[stage.index]])[plan.hidden_out[stage.index]]
-                for k in range(stage.index + 1, len(plan.stages)):
-                    fill = plan.fills[k]
-                    fstate = backend.start({plan.exit_hidden[k]: hidden})
-                    backend.run(fill.key, fstate)
-                    calls += 1
-                    new = plan.kv(fill.outputs, past=False)
-                    cache.store(backend.fetch(fstate, [n for _, k2, v in new for n in (k2, v)]), new, at)
+                token = candidate
+                calls += _fill(backend, plan, cache, state, stage.index, len(plan.stages))
                 result.exits.append(stage.index)
                 break
-        cache.length = at + 1
+        cache.length += 1
         result.tokens.append(token)
         result.confidences.append(conf)
+    result.calls = calls
+    return result
+
+
+def full_decode(backend: Any, bundle: Bundle, image: np.ndarray, prompt_ids: Sequence[int], max_new: int,
+                plan: DecodePlan | None = None) -> Decoded:
+    """The baseline: greedy decoding with the monolithic decode step (``full_step``) and the same cache."""
+    plan = plan or DecodePlan(bundle)
+    n_exits = len(bundle.exits)
+    cache, token, conf, calls = _prefill(backend, bundle, plan, image, prompt_ids, max_new)
+    result = Decoded([token], [n_exits], [conf])
+    full = bundle.full
+    while len(result.tokens) < max_new and token != plan.eos:
+        state = _step_state(backend, plan, cache, [token])
+        _run_stage(backend, plan, cache, state, full)
+        calls += 1
+        conf_name, token_name = full.decision
+        got = backend.fetch(state, [conf_name, token_name])
+        token, conf = int(got[token_name][0, -1]), float(got[conf_name][0, -1])
+        cache.length += 1
+        result.tokens.append(token)
+        result.exits.append(n_exits)
+        result.confidences.append(conf)
+    result.calls = calls
+    return result
+
+
+def speculative_decode(backend: Any, bundle: Bundle, image: np.ndarray, prompt_ids: Sequence[int], max_new: int,
+                       draft_exit: int = 0, draft_len: int = 4, plan: DecodePlan | None = None) -> Decoded:
+    """Lossless self-speculation: exit ``draft_exit`` drafts up to ``draft_len`` tokens (the stages up to
+    it, and the fill of the layer its next draft reads), then ``full_step`` checks the last token and
+    every draft in one call; the drafts that match the full model's own greedy tokens are kept, with
+    the full model's next token after them. The text is the full model's greedy text.
+
+    ``Decoded.exits`` marks each token's source: the draft exit's index for an accepted draft, the
+    number of exits (the final head) for a token the full model wrote."""
+    plan = plan or DecodePlan(bundle)
+    n_exits = len(bundle.exits)
+    if not 0 <= draft_exit < n_exits or draft_len < 1:
+        raise ConfigError(f"draft exit must be 0..{n_exits - 1} and draft length 1 or more, "
+                          f"got {draft_exit} and {draft_len}")
+    cache, token, conf, calls = _prefill(backend, bundle, plan, image, prompt_ids, max_new)
+    result = Decoded([token], [n_exits], [conf])
+    stages = plan.stages[:draft_exit + 1]
+    full = bundle.full
+    while len(result.tokens) < max_new and token != plan.eos:
+        start = cache.length
+        room = min(draft_len, max_new - len(result.tokens) - 1, plan.max_positions - start - 2)
+        drafts: list[int] = []
+        last = token
+        while len(drafts) < room:  # draft: the stages up to the exit, then the layer it reads, filled
+            state = _step_state(backend, plan, cache, [last])
+            for stage in stages:
+                _run_stage(backend, plan, cache, state, stage.segment)
+            last, _ = _exit_decision(backend, plan, cache, state, stages[-1].exit.graph)
+            calls += len(stages) + 1 + _fill(backend, plan, cache, state, draft_exit, draft_exit + 2)
+            cache.length += 1
+            drafts.append(last)
+            if last == plan.eos:
+                break
+        cache.length = start  # verify: the full model over the last token and every draft, in one call
+        state = _step_state(backend, plan, cache, [token, *drafts])
+        _run_stage(backend, plan, cache, state, full)
+        calls += 1
+        conf_name, token_name = full.decision
+        got = backend.fetch(state, [conf_name, token_name])
+        verified, confs = got[token_name][0].tolist(), got[conf_name][0].tolist()
+        m = 0
+        while m < len(drafts) and drafts[m] == verified[m] and drafts[m] != plan.eos:
+            m += 1
+        accepted = drafts[:m] + [verified[m]]
+        if m < len(drafts) and drafts[m] == plan.eos and verified[m] == plan.eos:
+            accepted = drafts[:m + 1]
+        for i, t in enumerate(accepted):
+            if len(result.tokens) >= max_new:
+                break
+            result.tokens.append(int(t))
+            result.exits.append(draft_exit if i < m else n_exits)
+            result.confidences.append(float(confs[i]))
+            if t == plan.eos:
+                break
+        cache.length = start + len(accepted)  # the keys and values of the last token, the accepted drafts
+        token = result.tokens[-1]
     result.calls = calls
     return result

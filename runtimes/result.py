@@ -12,7 +12,7 @@ import numpy as np
 
 from runtimes.errors import InputError
 
-__all__ = ["Prediction", "Result"]
+__all__ = ["Prediction", "Result", "Generation"]
 
 
 @dataclass(frozen=True)
@@ -61,3 +61,23 @@ class Result:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What ``Runtime.generate`` wrote for one image (and prompt)."""
+
+    text: str
+    tokens: tuple[int, ...]  # generated ids, end-of-sequence included when it came
+    blocks: tuple[int, ...]  # per token, the block whose output decided it (num_blocks: the final head)
+    mode: str  # exit, speculative or full
+    calls: int  # graph calls, encode and prefill included
+    seconds: float
+
+    @property
+    def mean_exit_block(self) -> float:
+        return sum(self.blocks) / len(self.blocks) if self.blocks else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0

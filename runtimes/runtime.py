@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -27,11 +28,12 @@ from runtimes.bundle import INT8_HEADS, Bundle, load_bundle
 from runtimes.chain import POLICIES, ChainOutput, RecordOutput, record_chain, run_chain, run_full
 from runtimes.errors import BackendUnavailableError, ConfigError, InputError
 from runtimes.preprocess import ImageTextSpec, make_encoder
-from runtimes.result import Prediction, Result
+from runtimes.result import Generation, Prediction, Result
 
-__all__ = ["Runtime", "Result", "Prediction", "default_precision"]
+__all__ = ["Runtime", "Result", "Prediction", "Generation", "GENERATE_MODES", "default_precision"]
 
 log = logging.getLogger(__name__)
+GENERATE_MODES = ("exit", "speculative", "full")
 
 
 class Runtime:
@@ -52,6 +54,8 @@ class Runtime:
         # (name, dtype, shape after the batch axis) per input, resolved once: the per-call checks do no parsing
         self._inputs = [(s.name, np.dtype(s.dtype), tuple(s.shape[1:])) for s in bundle.inputs]
         self._closed = False
+        self._decode_plan: Any = None  # generative bundles: the decoding plan and tokenizer, loaded on first use
+        self._tokenizer: Any = None
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "auto", device: str | None = None,
@@ -282,6 +286,55 @@ class Runtime:
             except InputError as exc:
                 errors[int(row)] = exc
         return out
+
+    def generate(self, image: Any, prompt: str = "", max_new_tokens: int | None = None, mode: str = "exit",
+                 thresholds: Sequence[float | None] | None = None, draft_exit: int = 0,
+                 draft_len: int = 4) -> Generation:
+        """Greedy text for one image (and an optional prompt) from a generative bundle, to end-of-sequence.
+
+        ``mode``: ``exit`` (each token leaves at the first exit whose confidence reaches its threshold,
+        ``rt.thresholds`` unless given; skipped layers get their keys and values by state propagation),
+        ``speculative`` (exit ``draft_exit`` drafts ``draft_len`` tokens and the full model checks them in
+        one call: the full model's text, faster when drafts are accepted) or ``full`` (the monolithic
+        decode step). ``max_new_tokens`` defaults to what the model's positions leave."""
+        from runtimes import decoding
+
+        self._open()
+        d = self.bundle.decoder
+        if d is None:
+            raise ConfigError(f"bundle {self.bundle.name!r} classifies; generate() needs a generative bundle")
+        if mode not in GENERATE_MODES:
+            raise ConfigError(f"mode must be one of {', '.join(GENERATE_MODES)}, got {mode!r}")
+        if not isinstance(prompt, str):
+            raise InputError(f"the prompt must be a string, got {type(prompt).__name__}")
+        if self._decode_plan is None:
+            import tokenizers
+
+            self._decode_plan = decoding.DecodePlan(self.bundle)
+            self._tokenizer = tokenizers.Tokenizer.from_file(str(self.bundle.path(d.tokenizer_file)))
+        words = self._tokenizer.encode(prompt, add_special_tokens=False).ids if prompt.strip() else []
+        ids = [d.bos_id, *words]
+        room = d.max_positions - d.num_query_tokens - len(ids)
+        max_new = room if max_new_tokens is None else int(max_new_tokens)
+        if max_new < 1 or max_new > room:
+            raise InputError(f"max_new_tokens must be 1..{room} for this prompt ({len(ids)} tokens; the model has "
+                             f"{d.max_positions} positions, {d.num_query_tokens} of them for the image)")
+        pixels = self.encode([image])
+        image_input = self._decode_plan.image_input
+        t0 = time.perf_counter()
+        if mode == "exit":
+            th = self._checked(thresholds) if thresholds is not None else self._thresholds
+            out = decoding.greedy_decode(self.backend, self.bundle, pixels[image_input], ids, max_new, th,
+                                         self._decode_plan)
+        elif mode == "speculative":
+            out = decoding.speculative_decode(self.backend, self.bundle, pixels[image_input], ids, max_new,
+                                              draft_exit, draft_len, self._decode_plan)
+        else:
+            out = decoding.full_decode(self.backend, self.bundle, pixels[image_input], ids, max_new, self._decode_plan)
+        seconds = time.perf_counter() - t0
+        text_ids = [t for t in out.tokens if t != d.eos_id]
+        blocks = tuple(int(self._exit_blocks[e]) for e in out.exits)
+        return Generation(self._tokenizer.decode(text_ids), tuple(out.tokens), blocks, mode, out.calls, seconds)
 
     def infer_full(self, inputs: Any) -> Result:
         """The monolithic graph (no early exit): the baseline."""

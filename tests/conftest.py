@@ -171,8 +171,12 @@ def decoder_bundle(tiny_decoder, decoder_data, tmp_path_factory: pytest.TempPath
     from exporters.decoder_export import export_decoder_bundle
     from runtimes.preprocess import ImageSpec
 
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
     tok = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    tok.write_text("{}")
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(DECODER_VOCAB)}, unk_token="w3"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    words.save(str(tok))
     return export_decoder_bundle(tiny_decoder, data=decoder_data, out=tmp_path_factory.mktemp("gen") / "b",
                                  cfg=ExportConfig(), preprocess=ImageSpec((32, 32)),
                                  tokens={"bos": 1, "eos": DECODER_EOS, "pad": 0, "vocab_size": DECODER_VOCAB},

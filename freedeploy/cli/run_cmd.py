@@ -87,13 +87,19 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
 @click.option("--policy", type=click.Choice(["per_sample", "batch"]), default="per_sample", show_default=True)
 @click.option("--max-frames", type=click.IntRange(1), help="Stop a video or camera after this many frames.")
 @click.option("--question", help="Vision-language bundles: the question asked about every image.")
+@click.option("--prompt", help="Generative bundles: the prompt (a question) for every image [default: none].")
+@click.option("--mode", type=click.Choice(("exit", "speculative", "full")), default="exit", show_default=True,
+              help="Generative bundles: exit (each token leaves at the first confident exit), speculative (an exit "
+                   "drafts, the full model checks: the full model's text) or full (the monolithic decoder).")
+@click.option("--max-new-tokens", type=click.IntRange(1), help="Generative bundles [default: what the positions allow].")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON list on stdout, a row per input: its result, or its error (see above).")
 def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | None, precision: str | None,
         thresholds: list[float | None] | None, policy: str, max_frames: int | None, question: str | None,
-        as_json: bool) -> None:
+        prompt: str | None, mode: str, max_new_tokens: int | None, as_json: bool) -> None:
     """Run a bundle on images (files, folders), a video file, a camera index, or texts ('-': stdin lines).
-    A vision-language bundle answers --question about each image.
+    A vision-language bundle answers --question about each image; a generative bundle writes text
+    for each image (after --prompt, if given) and prints it with the mean block its tokens left at.
 
     Prints one line per input, naming the block whose output decided ('exit at block 2 of 8',
     'final head (block 8)'); --json rows carry it as "block", beside "exit_index" (the exit's
@@ -112,6 +118,13 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, policy=policy)
     if thresholds is not None:
         rt.thresholds = thresholds
+    if rt.bundle.decoder is not None:
+        if question is not None:
+            raise ConfigError("a generative bundle takes --prompt, not --question")
+        return _generate(rt, inputs, prompt or "", mode, max_new_tokens, max_frames, as_json)
+    if prompt is not None or mode != "exit" or max_new_tokens is not None:
+        raise ConfigError(f"--prompt, --mode and --max-new-tokens apply to generative bundles; {rt.bundle.name!r} "
+                          f"classifies")
     text = isinstance(rt.bundle.preprocess, TextSpec)
     asks = isinstance(rt.bundle.preprocess, ImageTextSpec)
     if asks and not question:
@@ -142,6 +155,40 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
                          else f"exit at block {p.block} of {rt.bundle.num_blocks}")
                 click.echo(f"{name}: {p.label}  (confidence {p.confidence:.3f}, {where})")
     finally:  # a run cut short (Ctrl-C on a camera, a failing backend) still reports what it computed
+        if as_json:
+            emit_json(records)
+        rt.close()
+    if failed:
+        raise click.exceptions.Exit(InputError.exit_code)
+
+
+def _generate(rt: Any, inputs: tuple[str, ...], prompt: str, mode: str, max_new: int | None, max_frames: int | None,
+              as_json: bool) -> None:
+    """``run`` on a generative bundle: one line (or JSON row) of text per image; bad inputs reported alone."""
+    from runtimes.errors import InputError
+
+    records: list[dict[str, Any]] = []
+    failed, blocks = 0, rt.bundle.num_blocks
+    try:
+        for name, item in _sources(inputs, False, max_frames):
+            try:
+                if isinstance(item, Exception):
+                    raise InputError(str(item))
+                g = rt.generate(item, prompt, max_new_tokens=max_new, mode=mode)
+            except InputError as exc:
+                failed += 1
+                message = " ".join(str(exc).split())
+                records.append({"input": name, "prompt": prompt,
+                                "error": {"type": type(exc).__name__, "exit_code": exc.exit_code, "message": message}})
+                click.echo(f"{name}: error: {message}", err=True)
+                continue
+            records.append({"input": name, "prompt": prompt, "text": g.text, "mode": g.mode, "tokens": list(g.tokens),
+                            "blocks": list(g.blocks), "mean_exit_block": round(g.mean_exit_block, 3),
+                            "calls": g.calls, "ms": round(1000 * g.seconds, 3)})
+            if not as_json:
+                click.echo(f"{name}: {g.text}  ({mode}: {len(g.tokens)} tokens, mean exit block "
+                           f"{g.mean_exit_block:.1f} of {blocks}, {1000 * g.seconds:.1f} ms)")
+    finally:
         if as_json:
             emit_json(records)
         rt.close()

@@ -241,6 +241,13 @@ def test_export_writes_a_validated_generative_bundle_that_decodes_without_torch(
         be = OrtBackend(b, "fp32")
         px = np.load({str(tmp_path / "px.npy")!r})
         outs = [greedy_decode(be, b, px, [1], 8, thresholds=t) for t in ([None, None], [0.0, None], [0.0, 0.0])]
+        from runtimes import Runtime
+        rt = Runtime.load({str(bundle)!r})
+        image = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
+        texts = {{m: rt.generate(image, "is it even ?", mode=m, max_new_tokens=8) for m in ("full", "speculative", "exit")}}
+        assert texts["speculative"].tokens == texts["full"].tokens, texts
+        assert texts["exit"].tokens == texts["full"].tokens  # thresholds off: the whole chain
+        assert texts["full"].text and set(texts["full"].blocks) == {{b.num_blocks}}
         assert "torch" not in sys.modules
         print(json.dumps([[o.tokens, o.exits] for o in outs]))
     """)
@@ -249,5 +256,14 @@ def test_export_writes_a_validated_generative_bundle_that_decodes_without_torch(
     for (tokens, exits), thresholds in zip(json.loads(proc.stdout), ([None, None], [0.0, None], [0.0, 0.0])):
         ref = greedy(model, torch.from_numpy(pixels), [1], 8, 2, thresholds=thresholds)
         assert tokens == ref.tokens and exits == ref.exits
+    from PIL import Image
+
+    Image.fromarray((np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)).save(tmp_path / "digit.png")
+    code, out, err = _cli(["run", str(bundle), str(tmp_path / "digit.png"), str(tmp_path / "nope.png"),
+                           "--prompt", "is it even ?", "--mode", "speculative", "--json"])
+    rows = json.loads(out)
+    assert code == 10 and rows[0]["mode"] == "speculative" and rows[0]["text"] and "error" in rows[1]
+    code, _, err = _cli(["run", str(bundle), str(tmp_path / "digit.png"), "--question", "why ?"])
+    assert code == 2 and "--prompt" in err
     code, _, err = _cli(["export", str(run_dir), "--out", str(tmp_path / "c"), "--target", "trt-int8"])
     assert code == 2 and "int8" in err and not (tmp_path / "c").exists()
