@@ -13,7 +13,7 @@ from analysis.data import Dataset, load_dataset, make_splits, split_digest
 from analysis.metrics import exit_histogram, exit_metrics
 from calibration.thresholds import exit_decisions, expected_cost
 from runtimes.bundle import Bundle
-from runtimes.errors import DataError
+from runtimes.errors import ConfigError, DataError
 from runtimes.runtime import Runtime
 
 __all__ = ["bundle_split", "evaluate", "analytic_speedup"]
@@ -22,6 +22,10 @@ __all__ = ["bundle_split", "evaluate", "analytic_speedup"]
 def bundle_split(bundle: Bundle, spec: str | None, split: str) -> tuple[Dataset, np.ndarray]:
     """Rows of ``split`` ('train', 'val', 'test' or 'all'); the bundle's own data set gets the exact
     split its model was trained with (checked by fingerprint)."""
+    if bundle.decoder is not None:
+        raise ConfigError(f"bundle {bundle.name!r} generates text: calibrate, eval and bench take classifier bundles "
+                          "for now; decode with `freedeploy run BUNDLE IMAGE --mode exit|speculative|full`, "
+                          "time it with benchmarks/generate_bench.py")
     source = (bundle.provenance.get("source") or {}).get("data") or {}
     spec = spec or source.get("spec")
     if not spec:

@@ -201,6 +201,9 @@ def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = Bui
     if precision not in ENGINE_PRECISIONS:
         raise ConfigError(f"TensorRT builds {', '.join(ENGINE_PRECISIONS)}, not {precision!r} "
                           "(int8-heads runs on ONNX Runtime only: TensorRT does not parse its integer MatMul)")
+    if bundle.decoder is not None and precision != "fp32":
+        raise ConfigError(f"bundle {bundle.name!r} generates text: its engines are built from fp32 graphs for now "
+                          "(freedeploy build BUNDLE --target trt-fp32)")
     if precision not in bundle.precisions:
         raise ConfigError(f"bundle {bundle.name!r} has no {precision} ONNX (it has {', '.join(bundle.precisions)}): "
                           f"export it with `freedeploy export RUN --target trt-{precision}`")

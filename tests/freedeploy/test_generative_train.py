@@ -265,5 +265,10 @@ def test_export_writes_a_validated_generative_bundle_that_decodes_without_torch(
     assert code == 10 and rows[0]["mode"] == "speculative" and rows[0]["text"] and "error" in rows[1]
     code, _, err = _cli(["run", str(bundle), str(tmp_path / "digit.png"), "--question", "why ?"])
     assert code == 2 and "--prompt" in err
+    for args in (["calibrate", str(bundle)], ["eval", str(bundle)], ["bench", str(bundle), "--runs", "10"]):
+        code, _, err = _cli(args)  # classifier commands: one clear line, not a traceback about labels
+        assert code == 2 and "generates text" in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, _, err = _cli(["build", str(bundle), "--target", "trt-fp16"])
+    assert code == 2 and "fp32" in err
     code, _, err = _cli(["export", str(run_dir), "--out", str(tmp_path / "c"), "--target", "trt-int8"])
     assert code == 2 and "int8" in err and not (tmp_path / "c").exists()
