@@ -26,28 +26,22 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import tokenizers  # noqa: E402
 import torch  # noqa: E402
 
 from analysis.data import labelled_subset, load_dataset  # noqa: E402
-from freedeploy.generative.data import CaptionEncoder, SpecialIds  # noqa: E402
+from freedeploy.generative.data import CaptionEncoder  # noqa: E402
 from freedeploy.generative.model import EarlyExitDecoder  # noqa: E402
 from freedeploy.generative.train import (_Batches, evaluate_generative, load_generative_run,  # noqa: E402
                                          stage2_pool, train_exits)
 from freedeploy.settings import TrainConfig  # noqa: E402
-from runtimes.preprocess import spec_from_dict  # noqa: E402
 
 OBJECTIVES = ("ce", "ce+kd", "free")
 
 
 def _setup(run: Path):
     model, manifest = load_generative_run(run)
-    pre = manifest["preprocess"]
-    special = SpecialIds(pad=int(pre["pad_id"]), bos=int(pre["bos_id"]), eos=int(pre["eos_id"]),
-                         image=pre.get("image_token_id"))
     data = load_dataset(manifest["data"]["spec"])
-    enc = CaptionEncoder(data.items, data.targets, spec_from_dict(pre["image"]),
-                         tokenizers.Tokenizer.from_file(str(run / pre["tokenizer_file"])), special, int(pre["max_length"]))
+    enc = CaptionEncoder.for_run(run, manifest, data)
     splits = {k: np.asarray(v, dtype=np.int64) for k, v in json.loads((run / "splits.json").read_text()).items()}
     known = set(TrainConfig.__dataclass_fields__)
     cfg = TrainConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in manifest["train_config"].items()

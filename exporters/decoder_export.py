@@ -21,7 +21,7 @@ import json
 import logging
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,16 +29,17 @@ import numpy as np
 import torch
 
 from exporters.config import ExportConfig
-from exporters.decoder_graphs import (EncodeGraph, ExitGraph, FillGraph, FullStepGraph, PrefillGraph, StepGraph)
+from exporters.decoder_graphs import EncodeGraph, ExitGraph, FillGraph, FullStepGraph, PrefillGraph, StepGraph
+from exporters.export import write_manifest
 from exporters.onnx_export import module2onnx
 from exporters.validate import REFERENCE_THRESHOLD
 from runtimes import naming
 from runtimes.atomic import atomic_directory
 from runtimes.backends.onnxruntime import OrtBackend
-from runtimes.bundle import BUNDLE_DIR, MANIFEST, BatchSpec, Bundle, load_bundle, save_bundle, sha256_file
+from runtimes.bundle import BUNDLE_DIR, FINAL_DECISION, BatchSpec, Bundle, load_bundle
 from runtimes.decoding import DecodePlan, greedy_decode
 from runtimes.errors import ConfigError, ValidationError
-from runtimes.plan import decoder_bundle, decoder_layout
+from runtimes.plan import GraphLayout, decoder_bundle, decoder_layout
 from runtimes.preprocess import Spec
 from runtimes.records import VALIDATION_FILE, DecodeCheck, FileCheck, ValidationReport
 
@@ -92,7 +93,8 @@ def _left_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.n
     return ids, mask
 
 
-def _feeds(model: Any, data: DecoderExportData, rows: Sequence[int], extra: int, new: int, pad: int) -> dict[str, np.ndarray]:
+def _feeds(model: Any, layout: Sequence[GraphLayout], data: DecoderExportData, rows: Sequence[int], extra: int,
+           new: int, pad: int) -> dict[str, np.ndarray]:
     """Real inputs for every graph: prompts (plus ``extra`` target tokens) prefilled in torch, then
     ``new`` next target tokens as the step's tokens; the hidden states come from the torch chain."""
     seqs = [list(data.prompts[r]) + list(data.targets[r][:extra]) for r in rows]
@@ -113,60 +115,42 @@ def _feeds(model: Any, data: DecoderExportData, rows: Sequence[int], extra: int,
     feeds[naming.PAST_MASK] = past_mask
     with torch.no_grad():  # the hidden states the later steps, exits and fills read
         state = {n: torch.from_numpy(a) for n, a in feeds.items()}
+        steps = {g.key: g for g in layout}
         for k in range(len(model.exits)):
-            step = StepGraph(model, k)
-            names = _step_inputs(model, k)
-            hidden = step(*[state[n] for n in names])[0]
+            names = steps[naming.step_key(k)].input_names
+            hidden = StepGraph(model, k)(*[state[n] for n in names])[0]
             state[naming.hidden_name(model.exits[k])] = hidden
             feeds[naming.hidden_name(model.exits[k])] = hidden.numpy()
         feeds[naming.EXIT_HIDDEN] = feeds[naming.hidden_name(model.exits[0])]
     return feeds
 
 
-def _step_inputs(model: Any, k: int) -> list[str]:
-    lo, hi = model.bounds[k]
-    head = [naming.TOKEN_IDS, naming.POSITIONS] if k == 0 else [naming.hidden_name(model.exits[k - 1])]
-    return [*head, naming.PAST_MASK, *[n for layer in range(lo, hi) for n in naming.past_kv(layer)]]
+def _axes(g: GraphLayout, role: str, output: bool) -> dict[int, str]:
+    """The named dynamic axis of a decoder tensor (axis 1), from its graph and role: the prompt, the new
+    tokens or the past; none for the image, the prefix and the prefill's decision (the last position)."""
+    if g.key == naming.ENCODE or role == "prefix" or (output and g.key == naming.PREFILL and role in FINAL_DECISION):
+        return {}
+    if g.key == naming.PREFILL and not output:
+        return {1: "prompt"}
+    if role in ("past_keys", "past_values", "sequence_mask"):
+        return {1: "past"}
+    return {1: "new"}
 
 
 def _write_onnx(model: Any, layout: Sequence[Any], feeds: dict[str, np.ndarray], tmp: Path, cfg: ExportConfig,
                 max_positions: int, say: Callable[[str], None]) -> dict[str, tuple]:
     mods, specs = _modules(model), {}
     dims = {"prompt": (1, max_positions), "new": (1, max_positions), "past": (1, max_positions)}
-    axes_of = {naming.PROMPT_IDS: {1: "prompt"}, naming.PROMPT_MASK: {1: "prompt"}, naming.TOKEN_IDS: {1: "new"},
-               naming.POSITIONS: {1: "new"}, naming.PAST_MASK: {1: "past"}, naming.EXIT_HIDDEN: {1: "new"}}
     for g in layout:
         say(f"exporting {g.key}")
-        in_axes = []
-        for name, role in g.inputs:
-            if role in ("past_keys", "past_values"):
-                in_axes.append({1: "past"})
-            elif role == "hidden":
-                in_axes.append({1: "new"})
-            else:
-                in_axes.append(axes_of.get(name, {}))
-        out_axes = []
-        for name, role in g.outputs:
-            if role in ("new_keys", "new_values", "hidden"):
-                out_axes.append({1: "new"})
-            elif role in ("final_logits", "final_confidence", "final_prediction") and g.key != naming.PREFILL or \
-                    role.startswith("exit_"):
-                out_axes.append({1: "new"})
-            else:
-                out_axes.append({})
+        in_axes = [_axes(g, role, output=False) for _, role in g.inputs]
+        out_axes = [_axes(g, role, output=True) for _, role in g.outputs]
         used = {n for axes in in_axes for n in axes.values()}
         specs[g.key] = module2onnx(mods[g.key], [torch.from_numpy(feeds[n]) for n in g.input_names], g.input_names,
                                    g.output_names, tmp / naming.onnx_file(g.key), opset=cfg.opset,
                                    max_batch=cfg.max_batch, dims={n: dims[n] for n in used}, in_axes=in_axes,
                                    out_axes=out_axes)
     return specs
-
-
-def _save(tmp: Path, bundle: Bundle) -> Bundle:
-    files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
-             if p.is_file() and p.name != MANIFEST and "engines" not in p.relative_to(tmp).parts}
-    save_bundle(replace(bundle, files=files), tmp)
-    return load_bundle(tmp)
 
 
 def _top2_gap(logits: np.ndarray) -> np.ndarray:
@@ -244,7 +228,7 @@ def export_decoder_bundle(model: Any, *, data: DecoderExportData, out: Path, cfg
     pad = int(tokens["pad"])
     with atomic_directory(out, overwrite=cfg.overwrite, kind=BUNDLE_DIR, inputs=sources) as tmp:
         (tmp / "onnx").mkdir()
-        trace = _feeds(model, data, [0, 1], extra=2, new=2, pad=pad)
+        trace = _feeds(model, layout, data, [0, 1], extra=2, new=2, pad=pad)
         specs = _write_onnx(model, layout, trace, tmp, cfg, max_positions, say)
         timings["onnx_export_s"] = time.perf_counter() - t0
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
@@ -252,7 +236,7 @@ def export_decoder_bundle(model: Any, *, data: DecoderExportData, out: Path, cfg
                                 batch=BatchSpec(1, cfg.opt_batch, cfg.max_batch), tokens=tokens,
                                 tokenizer_file="tokenizer.json", num_query_tokens=model.num_query_tokens,
                                 max_positions=max_positions, provenance=provenance)
-        bundle = _save(tmp, bundle)
+        bundle = write_manifest(tmp, bundle)
         validation = ValidationReport(cfg.target, cfg.validate)
         if cfg.validate:
             t1 = time.perf_counter()
@@ -260,7 +244,7 @@ def export_decoder_bundle(model: Any, *, data: DecoderExportData, out: Path, cfg
             say("validating every graph against torch (batch 1 and 2, two past lengths)")
             cases = []
             for batch, extra in ((1, 0), (2, 3)):
-                feeds = _feeds(model, data, list(range(batch)), extra=extra, new=2, pad=pad)
+                feeds = _feeds(model, layout, data, list(range(batch)), extra=extra, new=2, pad=pad)
                 cases.append((batch, int(feeds[naming.PAST_MASK].shape[1]), feeds))
             rows, failures = _compare(bundle, model, backend, cases, cfg.tolerance)
             say(f"greedy decoding of {len(data.prompts)} test samples, ONNX chain vs torch, exits off")
@@ -281,6 +265,6 @@ def export_decoder_bundle(model: Any, *, data: DecoderExportData, out: Path, cfg
                                                                REFERENCE_THRESHOLD, n_on, bad_on, taken))
             timings["validation_s"] = time.perf_counter() - t1
         (tmp / VALIDATION_FILE).write_text(json.dumps(validation.to_dict(), indent=2) + "\n")
-        bundle = _save(tmp, bundle)
+        bundle = write_manifest(tmp, bundle)
     timings["total_s"] = time.perf_counter() - t0
     return DecoderExportResult(out, load_bundle(out), validation, time.perf_counter() - t0, timings)

@@ -27,15 +27,11 @@ def decide(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return logits, conf, token
 
 
-def past_step_mask(past_mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask (batch, 1, new, past + new): padding in the past masked, causal among the new
-    tokens (which are all real)."""
-    b, past = past_mask.shape
-    keys_real = torch.cat([past_mask > 0, torch.ones(b, new, dtype=torch.bool, device=past_mask.device)], dim=1)
-    keys = torch.arange(past + new, device=past_mask.device)
-    causal = keys[None, :] <= (torch.arange(new, device=past_mask.device) + past)[:, None]
-    allowed = causal[None, None] & keys_real[:, None, None, :]
-    return torch.where(allowed, torch.zeros((), dtype=dtype, device=past_mask.device), torch.finfo(dtype).min)
+def past_step_mask(model: Any, past_mask: torch.Tensor, new: int, dtype: torch.dtype) -> torch.Tensor:
+    """The model's additive step mask (batch, 1, new, past + new) for ``new`` tokens after a past whose
+    0/1 mask marks padding; the new tokens are all real."""
+    ones = torch.ones(past_mask.shape[0], new, dtype=past_mask.dtype, device=past_mask.device)
+    return model.step_mask(torch.cat([past_mask, ones], dim=1), new, dtype)
 
 
 def _pairs(flat: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -66,13 +62,8 @@ class PrefillGraph(nn.Module):
         m = self.model
         b, q = prefix.shape[0], prefix.shape[1]
         mask = torch.cat([torch.ones(b, q, dtype=prompt_mask.dtype, device=prompt_mask.device), prompt_mask], dim=1)
-        positions = torch.cumsum(mask, dim=1) * mask - 1  # OPT's positions: real tokens before each one
-        hidden = m.embed(prompt_ids, positions, prefix)
-        total = mask.shape[1]
-        keys = torch.arange(total, device=mask.device)
-        allowed = (keys[None, :] <= keys[:, None])[None, None] & (mask[:, None, None, :] > 0)
-        add = torch.where(allowed, torch.zeros((), dtype=hidden.dtype, device=mask.device),
-                          torch.finfo(hidden.dtype).min)
+        hidden = m.embed(prompt_ids, m.position_ids(mask), prefix)
+        add = m.step_mask(mask, mask.shape[1], hidden.dtype)  # causal over the whole prompt, padding masked
         empty = hidden[:, :0]
         hidden, new = m.run_layers(hidden, 0, m.num_blocks, [(empty, empty)] * m.num_blocks, add)
         return (*decide(m.lm_head(m.final_norm(hidden[:, -1]))), *_flat(new))
@@ -94,7 +85,7 @@ class StepGraph(nn.Module):
             hidden = m.embed(token_ids, positions)
         else:
             hidden, past_mask, *past = args
-        mask = past_step_mask(past_mask, hidden.shape[1], hidden.dtype)
+        mask = past_step_mask(m, past_mask, hidden.shape[1], hidden.dtype)
         hidden, new = m.run_layers(hidden, self.lo, self.hi, _pairs(tuple(past)), mask)
         head = decide(m.lm_head(m.final_norm(hidden))) if self.last else (hidden,)
         return (*head, *_flat(new))
@@ -109,7 +100,7 @@ class ExitGraph(nn.Module):
 
     def forward(self, hidden: torch.Tensor, past_mask: torch.Tensor, past_key: torch.Tensor,
                 past_value: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        mask = past_step_mask(past_mask, hidden.shape[1], hidden.dtype)
+        mask = past_step_mask(self.model, past_mask, hidden.shape[1], hidden.dtype)
         logits, _ = self.model.exit_forward(self.j, hidden, (past_key, past_value), mask)
         return decide(logits)
 
@@ -137,6 +128,6 @@ class FullStepGraph(nn.Module):
         token_ids, positions, past_mask, *past = args
         m = self.model
         hidden = m.embed(token_ids, positions)
-        mask = past_step_mask(past_mask, hidden.shape[1], hidden.dtype)
+        mask = past_step_mask(m, past_mask, hidden.shape[1], hidden.dtype)
         hidden, new = m.run_layers(hidden, 0, m.num_blocks, _pairs(tuple(past)), mask)
         return (*decide(m.lm_head(m.final_norm(hidden))), *_flat(new))

@@ -33,7 +33,7 @@ from runtimes.errors import ConfigError, ValidationError
 from runtimes.records import VALIDATION_FILE, PrecisionCheck, ValidationReport
 from runtimes.preprocess import spec_from_dict
 
-__all__ = ["TARGETS", "ExportConfig", "ExportData", "ExportResult", "export_bundle"]
+__all__ = ["TARGETS", "ExportConfig", "ExportData", "ExportResult", "export_bundle", "write_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def export_bundle(model: torch.nn.Module, run: dict[str, Any], data: ExportData,
             shutil.copyfile(src, tmp / name)
         config = getattr(model.hf.config, "vision_config", model.hf.config)
         run = {**run, "exit_head": model.exit_head, "attention_heads": int(config.num_attention_heads)}
-        bundle = _save(tmp, _assemble(defs, specs, run, cfg, out.name))
+        bundle = write_manifest(tmp, _assemble(defs, specs, run, cfg, out.name))
         validation = ValidationReport(cfg.target, cfg.validate)
         fp32 = OrtBackend(bundle, "fp32", threads=None)
         if cfg.validate:
@@ -88,20 +88,20 @@ def export_bundle(model: torch.nn.Module, run: dict[str, Any], data: ExportData,
             validation = _validate_fp32(bundle, fp32, {d.key: d.module for d in defs}, data, cfg)
         if precision != "fp32":
             t1 = time.perf_counter()
-            bundle = _save(tmp, _add_precision(bundle, tmp, precision, fp32, data.calib, say))
+            bundle = write_manifest(tmp, _add_precision(bundle, tmp, precision, fp32, data.calib, say))
             timings[f"{precision}_transform_s"] = time.perf_counter() - t1
             if cfg.validate:
                 say(f"validating {precision} graphs against fp32")
                 validation = replace(validation, precision=_validate_precision(bundle, precision, fp32, data, cfg))
         if cfg.head_weights == "int8":
             t1 = time.perf_counter()
-            bundle = _save(tmp, _add_int8_heads(bundle, tmp, say))
+            bundle = write_manifest(tmp, _add_int8_heads(bundle, tmp, say))
             timings["int8_heads_transform_s"] = time.perf_counter() - t1
             if cfg.validate:
                 say(f"validating {INT8_HEADS} against fp32")
                 validation = replace(validation, head_weights=_validate_precision(bundle, INT8_HEADS, fp32, data, cfg))
         (tmp / VALIDATION_FILE).write_text(json.dumps(validation.to_dict(), indent=2) + "\n")
-        bundle = _save(tmp, bundle)
+        bundle = write_manifest(tmp, bundle)
     timings["total_s"] = time.perf_counter() - t0
     return ExportResult(out, load_bundle(out), validation, time.perf_counter() - t0, timings)
 
@@ -143,7 +143,7 @@ def _assemble(defs: list[GraphDef], specs: dict[str, tuple], run: dict[str, Any]
                              provenance=_provenance(run, cfg))
 
 
-def _save(tmp: Path, bundle: Bundle) -> Bundle:
+def write_manifest(tmp: Path, bundle: Bundle) -> Bundle:
     """Hash every file in the directory (but the manifest and engines), write bundle.json, reload."""
     files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
              if p.is_file() and p.name != MANIFEST and "engines" not in p.relative_to(tmp).parts}
@@ -169,10 +169,15 @@ def _add_precision(bundle: Bundle, tmp: Path, precision: str, fp32: OrtBackend, 
             onnx2int8(src, tmp / rel, FeedReader(feeds[g.key]))
         return replace(g, files={**g.files, precision: rel})
 
-    stages = tuple(replace(s, segment=convert(s.segment),
-                           exit=None if s.exit is None else replace(s.exit, graph=convert(s.exit.graph)))
+    return _map_graphs(bundle, convert, convert)
+
+
+def _map_graphs(bundle: Bundle, body: Callable[[GraphSpec], GraphSpec], head: Callable[[GraphSpec], GraphSpec]) -> Bundle:
+    """The bundle with ``body`` applied to every segment and the full graph, ``head`` to every exit head."""
+    stages = tuple(replace(s, segment=body(s.segment),
+                           exit=None if s.exit is None else replace(s.exit, graph=head(s.exit.graph)))
                    for s in bundle.stages)
-    return replace(bundle, stages=stages, full=convert(bundle.full))
+    return replace(bundle, stages=stages, full=body(bundle.full))
 
 
 def _add_int8_heads(bundle: Bundle, tmp: Path, say: Callable[[str], None]) -> Bundle:
@@ -188,10 +193,7 @@ def _add_int8_heads(bundle: Bundle, tmp: Path, say: Callable[[str], None]) -> Bu
         onnx2int8_weights(tmp / g.files["fp32"], tmp / rel)
         return replace(g, files={**g.files, INT8_HEADS: rel})
 
-    stages = tuple(replace(s, segment=same(s.segment),
-                           exit=None if s.exit is None else replace(s.exit, graph=head(s.exit.graph)))
-                   for s in bundle.stages)
-    return replace(bundle, stages=stages, full=same(bundle.full))
+    return _map_graphs(bundle, same, head)
 
 
 def _validate_fp32(bundle: Bundle, fp32: OrtBackend, modules: dict[str, torch.nn.Module], data: ExportData,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -11,7 +10,7 @@ import numpy as np
 from analysis.data import load_dataset, split_digest
 from exporters.export import ExportConfig, ExportData, ExportResult, export_bundle
 from freedeploy.inputs import TOKENIZER_FILE, Encoder
-from freedeploy.rundir import load_run, read_manifest
+from freedeploy.rundir import RunInfo, load_run, read_manifest
 from runtimes.atomic import check_target
 from runtimes.bundle import BUNDLE_DIR
 from runtimes.errors import ConfigError, DataError
@@ -52,27 +51,18 @@ def export_run(run_dir: Path, out: Path, progress: Callable[[str], None] | None 
 def export_generative_run(run_dir: Path, out: Path, cfg: ExportConfig,
                           progress: Callable[[str], None] | None = None) -> Any:
     """A generative run dir -> a generative bundle, validated on the whole test split."""
-    import tokenizers
-
     from exporters.decoder_export import DecoderExportData, export_decoder_bundle
-    from freedeploy.generative.data import CaptionEncoder, SpecialIds
+    from freedeploy.generative.data import CaptionEncoder
     from freedeploy.generative.decode import greedy
     from freedeploy.generative.train import load_generative_run
-    from runtimes.preprocess import spec_from_dict
 
     if cfg.head_weights != "fp32":
         raise ConfigError("--head-weights int8 is for classifiers; a decoder's exit heads stay fp32 for now")
     model, manifest = load_generative_run(run_dir)
     pre = manifest["preprocess"]
-    special = SpecialIds(pad=int(pre["pad_id"]), bos=int(pre["bos_id"]), eos=int(pre["eos_id"]),
-                         image=pre.get("image_token_id"))
-    tokenizer = tokenizers.Tokenizer.from_file(str(run_dir / pre["tokenizer_file"]))
-    data = load_dataset(manifest["data"]["spec"])
-    test = np.asarray(json.loads((run_dir / "splits.json").read_text())["test"], dtype=np.int64)
-    if split_digest(test) != manifest["data"]["split_digests"].get("test", split_digest(test)):
-        raise DataError(f"the test split of {run_dir} does not match its recorded fingerprint")
-    image = spec_from_dict(pre["image"])
-    enc = CaptionEncoder(data.items, data.targets, image, tokenizer, special, int(pre["max_length"]))
+    data, test = run_split(RunInfo(run_dir, manifest), "test")
+    enc = CaptionEncoder.for_run(run_dir, manifest, data)
+    special = enc.special
     prompts = [enc.prompt_ids(int(i)) for i in test]
     positions = int(model.decoder.config.max_position_embeddings) - model.num_query_tokens
     max_new = min(int(pre["max_length"]), positions - max(len(p) for p in prompts))
@@ -86,6 +76,6 @@ def export_generative_run(run_dir: Path, out: Path, cfg: ExportConfig,
         "model_class": manifest.get("model_class"), "exits": manifest.get("exits"), "data": manifest.get("data"),
         "source_model": manifest.get("source_model")}, "train_config": manifest.get("train_config", {}),
         "versions": manifest.get("versions", {})}
-    return export_decoder_bundle(model, data=arrays, out=out, cfg=cfg, preprocess=image, tokens=tokens,
+    return export_decoder_bundle(model, data=arrays, out=out, cfg=cfg, preprocess=enc.image_spec, tokens=tokens,
                                  tokenizer_file=run_dir / pre["tokenizer_file"], provenance=provenance,
                                  reference=reference, progress=progress, sources=(run_dir,))

@@ -38,12 +38,8 @@ class Decoded:
     calls: int = 0  # graph calls made, encode and prefill included
 
 
-def _by_role(tensors: Sequence[Any], role: str) -> list[Any]:
-    return [t for t in tensors if t.role == role]
-
-
 def _one(tensors: Sequence[Any], role: str, where: str) -> str:
-    found = _by_role(tensors, role)
+    found = [t for t in tensors if t.role == role]
     if len(found) != 1:
         raise ConfigError(f"{where} has {len(found)} tensors with role {role!r}, expected one")
     return found[0].name
@@ -70,6 +66,10 @@ class DecodePlan:
         self.exit_hidden = {k: _one(g.inputs, "hidden", g.key) for k, g in self.fills.items()}
         self.hidden_out = {s.index: s.segment.output("hidden").name for s in bundle.stages if s.exit is not None}
         self.eos, self.max_positions, self.num_layers = d.eos_id, d.max_positions, d.num_layers
+        # per graph, once: the (layer, keys, values) names it reads and writes, and the names to fetch
+        self.past = {g.key: self.kv(g.inputs, past=True) for g in bundle.graphs}
+        self.new = {g.key: self.kv(g.outputs, past=False) for g in bundle.graphs}
+        self.new_names = {key: [n for _, k, v in kvs for n in (k, v)] for key, kvs in self.new.items()}
 
     @staticmethod
     def kv(tensors: Sequence[Any], past: bool) -> list[tuple[int, str, str]]:
@@ -113,7 +113,7 @@ def _prefill(backend: Any, bundle: Bundle, plan: DecodePlan, image: np.ndarray, 
     state.update({plan.prompt_ids: ids, plan.prompt_mask: np.ones_like(ids)})
     backend.run(plan.prefill.key, state)
     out = backend.fetch(state, [t.name for t in plan.prefill.outputs])
-    new = plan.kv(plan.prefill.outputs, past=False)
+    new = plan.new[plan.prefill.key]
     cache = _Cache(plan.num_layers, plan.max_positions, out[new[0][1]].shape[-1])
     cache.store(out, new, 0)
     cache.length = start
@@ -131,14 +131,13 @@ def _step_state(backend: Any, plan: DecodePlan, cache: _Cache, tokens: Sequence[
 
 def _run_stage(backend: Any, plan: DecodePlan, cache: _Cache, state: dict[str, Any], graph: GraphSpec) -> None:
     """One decode-step graph: its layers' past in, its new keys and values written at the cache's end."""
-    cache.feed(state, plan.kv(graph.inputs, past=True))
+    cache.feed(state, plan.past[graph.key])
     backend.run(graph.key, state)
-    new = plan.kv(graph.outputs, past=False)
-    cache.store(backend.fetch(state, [n for _, k, v in new for n in (k, v)]), new, cache.length)
+    cache.store(backend.fetch(state, plan.new_names[graph.key]), plan.new[graph.key], cache.length)
 
 
 def _exit_decision(backend: Any, plan: DecodePlan, cache: _Cache, state: dict[str, Any], head: GraphSpec) -> tuple[int, float]:
-    cache.feed(state, plan.kv(head.inputs, past=True))
+    cache.feed(state, plan.past[head.key])
     backend.run(head.key, state)
     conf_name, token_name = head.decision
     got = backend.fetch(state, [conf_name, token_name])
@@ -153,8 +152,7 @@ def _fill(backend: Any, plan: DecodePlan, cache: _Cache, state: dict[str, Any], 
         fill = plan.fills[k]
         fstate = backend.start({plan.exit_hidden[k]: hidden})
         backend.run(fill.key, fstate)
-        new = plan.kv(fill.outputs, past=False)
-        cache.store(backend.fetch(fstate, [n for _, k2, v in new for n in (k2, v)]), new, cache.length)
+        cache.store(backend.fetch(fstate, plan.new_names[fill.key]), plan.new[fill.key], cache.length)
     return max(0, upto - after - 1)
 
 

@@ -95,15 +95,9 @@ def _graph(g: GraphLayout, io: Mapping[str, tuple[Sequence[TensorSpec], Sequence
     return GraphSpec(g.key, g.kind, {p: naming.onnx_file(g.key, p) for p in precisions}, specs[0], specs[1])
 
 
-def classifier_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequence[TensorSpec], Sequence[TensorSpec]]],
-                      *, name: str, labels: Sequence[str], preprocess: Spec, num_blocks: int, batch: BatchSpec,
-                      confidence: str = "max_softmax", head: str = "full-block",
-                      head_costs: Sequence[float] | None = None, thresholds: Sequence[float | None] | None = None,
-                      precisions: Sequence[str] = ("fp32",), files: Mapping[str, str] | None = None,
-                      provenance: Mapping[str, Any] | None = None) -> Bundle:
-    """A bundle from a layout and the specs of the graphs written for it (``io[key] = (inputs, outputs)``)."""
-    graphs = {g.key: _graph(g, io, precisions) for g in layout}
-    segments = [g for g in layout if g.kind == "segment"]
+def _stages(segments: Sequence[GraphLayout], graphs: Mapping[str, GraphSpec], confidence: str, head: str,
+            thresholds: Sequence[float | None] | None, head_costs: Sequence[float] | None) -> tuple[StageSpec, ...]:
+    """The chain: each segment (a decoder's decode step) with the exit after it, but the last."""
     n_exits = len(segments) - 1
     thresholds = list(thresholds) if thresholds is not None else [None] * n_exits
     costs = list(head_costs) if head_costs is not None else [1.0] * n_exits
@@ -117,9 +111,21 @@ def classifier_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequ
         if k < n_exits:
             exit_spec = ExitSpec(g.blocks[1], graphs[naming.exit_key(k)], confidence, thresholds[k], head, costs[k])
         stages.append(StageSpec(k, g.blocks, graphs[g.key], exit_spec))
+    return tuple(stages)
+
+
+def classifier_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequence[TensorSpec], Sequence[TensorSpec]]],
+                      *, name: str, labels: Sequence[str], preprocess: Spec, num_blocks: int, batch: BatchSpec,
+                      confidence: str = "max_softmax", head: str = "full-block",
+                      head_costs: Sequence[float] | None = None, thresholds: Sequence[float | None] | None = None,
+                      precisions: Sequence[str] = ("fp32",), files: Mapping[str, str] | None = None,
+                      provenance: Mapping[str, Any] | None = None) -> Bundle:
+    """A bundle from a layout and the specs of the graphs written for it (``io[key] = (inputs, outputs)``)."""
+    graphs = {g.key: _graph(g, io, precisions) for g in layout}
+    stages = _stages([g for g in layout if g.kind == "segment"], graphs, confidence, head, thresholds, head_costs)
     full = graphs[naming.FULL]
     return Bundle(name=name, labels=tuple(labels), preprocess=preprocess, inputs=full.inputs, batch=batch,
-                  stages=tuple(stages), full=full, num_blocks=num_blocks, files=dict(files or {}),
+                  stages=stages, full=full, num_blocks=num_blocks, files=dict(files or {}),
                   provenance=dict(provenance or {}))
 
 
@@ -181,17 +187,7 @@ def decoder_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequenc
     ``tokens`` holds bos, eos, pad and vocab_size."""
     graphs = {g.key: _graph(g, io, precisions) for g in layout}
     steps = [g for g in layout if g.kind == "decode_step" and g.stage is not None]
-    n_exits = len(steps) - 1
-    thresholds = list(thresholds) if thresholds is not None else [None] * n_exits
-    costs = list(head_costs) if head_costs is not None else [1.0] * n_exits
-    stages = []
-    for g in steps:
-        k = g.stage
-        exit_spec = None
-        if k < n_exits:
-            exit_spec = ExitSpec(g.blocks[1], graphs[naming.exit_key(k)], confidence, thresholds[k], "full-block",
-                                 costs[k])
-        stages.append(StageSpec(k, g.blocks, graphs[g.key], exit_spec))
+    stages = _stages(steps, graphs, confidence, "full-block", thresholds, head_costs)
     decoder = DecoderSpec(encode=graphs[naming.ENCODE], prefill=graphs[naming.PREFILL],
                           fills=tuple(graphs[naming.fill_key(k)] for k in range(1, len(steps))),
                           tokenizer_file=tokenizer_file, bos_id=int(tokens["bos"]), eos_id=int(tokens["eos"]),
@@ -199,5 +195,5 @@ def decoder_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequenc
                           num_query_tokens=num_query_tokens, max_positions=max_positions)
     encode = graphs[naming.ENCODE]
     return Bundle(name=name, labels=(), preprocess=preprocess, inputs=encode.inputs, batch=batch,
-                  stages=tuple(stages), full=graphs[naming.FULL_STEP], num_blocks=num_blocks, files=dict(files or {}),
+                  stages=stages, full=graphs[naming.FULL_STEP], num_blocks=num_blocks, files=dict(files or {}),
                   task="generate", provenance=dict(provenance or {}), decoder=decoder)

@@ -315,8 +315,8 @@ class Runtime:
         words = self._tokenizer.encode(prompt, add_special_tokens=False).ids if prompt.strip() else []
         ids = [d.bos_id, *words]
         room = d.max_positions - d.num_query_tokens - len(ids)
-        max_new = room if max_new_tokens is None else int(max_new_tokens)
-        if max_new < 1 or max_new > room:
+        max_new = room if max_new_tokens is None else max_new_tokens
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or not 1 <= max_new <= room:
             raise InputError(f"max_new_tokens must be 1..{room} for this prompt ({len(ids)} tokens; the model has "
                              f"{d.max_positions} positions, {d.num_query_tokens} of them for the image)")
         pixels = self.encode([image])

@@ -11,6 +11,7 @@ import click
 
 from freedeploy.cli.choices import BACKEND_CHOICES, PRECISION_CHOICES
 from freedeploy.cli.output import emit_json
+from runtimes.runtime import GENERATE_MODES
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
@@ -88,7 +89,7 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
 @click.option("--max-frames", type=click.IntRange(1), help="Stop a video or camera after this many frames.")
 @click.option("--question", help="Vision-language bundles: the question asked about every image.")
 @click.option("--prompt", help="Generative bundles: the prompt (a question) for every image [default: none].")
-@click.option("--mode", type=click.Choice(("exit", "speculative", "full")), default="exit", show_default=True,
+@click.option("--mode", type=click.Choice(GENERATE_MODES), default="exit", show_default=True,
               help="Generative bundles: exit (each token leaves at the first confident exit), speculative (an exit "
                    "drafts, the full model checks: the full model's text) or full (the monolithic decoder).")
 @click.option("--max-new-tokens", type=click.IntRange(1), help="Generative bundles [default: what the positions allow].")
@@ -143,10 +144,7 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
                 p = rt.infer([item], question=question)[0]
             except InputError as exc:  # this input only: the others still run
                 failed += 1
-                message = " ".join(str(exc).split())
-                records.append({"input": name, **asked,
-                                "error": {"type": type(exc).__name__, "exit_code": exc.exit_code, "message": message}})
-                click.echo(f"{name}: error: {message}", err=True)
+                records.append(_error_row(name, asked, exc))
                 continue
             records.append({"input": name, **asked, "label": p.label, "class": p.class_index,
                             "confidence": round(p.confidence, 6), "block": p.block, "exit_index": p.exit_index})
@@ -160,6 +158,13 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
         rt.close()
     if failed:
         raise click.exceptions.Exit(InputError.exit_code)
+
+
+def _error_row(name: str, extra: dict[str, Any], exc: Any) -> dict[str, Any]:
+    """One input's error: its line on stderr now, and its row for --json."""
+    message = " ".join(str(exc).split())
+    click.echo(f"{name}: error: {message}", err=True)
+    return {"input": name, **extra, "error": {"type": type(exc).__name__, "exit_code": exc.exit_code, "message": message}}
 
 
 def _generate(rt: Any, inputs: tuple[str, ...], prompt: str, mode: str, max_new: int | None, max_frames: int | None,
@@ -177,10 +182,7 @@ def _generate(rt: Any, inputs: tuple[str, ...], prompt: str, mode: str, max_new:
                 g = rt.generate(item, prompt, max_new_tokens=max_new, mode=mode)
             except InputError as exc:
                 failed += 1
-                message = " ".join(str(exc).split())
-                records.append({"input": name, "prompt": prompt,
-                                "error": {"type": type(exc).__name__, "exit_code": exc.exit_code, "message": message}})
-                click.echo(f"{name}: error: {message}", err=True)
+                records.append(_error_row(name, {"prompt": prompt}, exc))
                 continue
             records.append({"input": name, "prompt": prompt, "text": g.text, "mode": g.mode, "tokens": list(g.tokens),
                             "blocks": list(g.blocks), "mean_exit_block": round(g.mean_exit_block, 3),

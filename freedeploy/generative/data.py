@@ -95,6 +95,19 @@ class CaptionEncoder:
         self._prompts: list[list[int] | None] = [None] * len(items)
         self._targets_ids: list[list[int] | None] = [None] * len(items)
 
+    @classmethod
+    def for_run(cls, run_dir: Path, manifest: dict[str, Any], data: Any) -> "CaptionEncoder":
+        """The encoder a generative run dir was trained with, rebuilt from its files, over ``data``."""
+        import tokenizers
+
+        from runtimes.preprocess import spec_from_dict
+
+        pre = manifest["preprocess"]
+        special = SpecialIds(pad=int(pre["pad_id"]), bos=int(pre["bos_id"]), eos=int(pre["eos_id"]),
+                             image=pre.get("image_token_id"))
+        tokenizer = tokenizers.Tokenizer.from_file(str(Path(run_dir) / pre["tokenizer_file"]))
+        return cls(data.items, data.targets, spec_from_dict(pre["image"]), tokenizer, special, int(pre["max_length"]))
+
     def __len__(self) -> int:
         return len(self._items)
 

@@ -126,6 +126,10 @@ class EarlyExitDecoder(nn.Module):
     """BLIP-2 (OPT) with token-level FREE exits. ``forward`` is the teacher-forced pass that trains the
     exits; the other methods are the pieces the export traces and the reference decoders chain."""
 
+    # the sequence rules, for callers that only hold the model (the exporter's graphs)
+    position_ids = staticmethod(position_ids)
+    step_mask = staticmethod(step_mask)
+
     def __init__(self, hf: nn.Module, exits: Sequence[int], own_kv: bool = False) -> None:
         super().__init__()
         lm = getattr(hf, "language_model", None)
@@ -156,9 +160,6 @@ class EarlyExitDecoder(nn.Module):
     @property
     def vocab_size(self) -> int:
         return int(self.hf.language_model.lm_head.out_features)
-
-    def backbone_parameters(self) -> list[nn.Parameter]:
-        return list(self.hf.parameters())
 
     def exit_parameters(self) -> list[nn.Parameter]:
         return list(self.heads.parameters())

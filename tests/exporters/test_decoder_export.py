@@ -101,6 +101,9 @@ def _edit(bundle_dir: Path, tmp_path: Path, change) -> Path:
     ("an exit reading another layer", lambda d: [t.update(layer=0) for t in d["stages"][0]["exit"]["graph"]["inputs"]
                                                  if t["role"] in ("past_keys", "past_values")], "layer"),
     ("a fill missing", lambda d: d["decoder"]["fills"].pop(), "fill"),
+    ("a layer past the depth", lambda d: d["full"]["inputs"][3].update(layer=99), "layer"),
+    ("a negative layer", lambda d: d["full"]["inputs"][3].update(layer=-1), "layer"),
+    ("no room for the prefix", lambda d: d["decoder"].update(max_positions=4), "positions"),
     ("a decoder on a classifier", lambda d: d.update(task="classify"), "decoder"),
     ("token ids outside the vocabulary", lambda d: d["decoder"].update(eos_id=99), "vocabulary"),
 ])

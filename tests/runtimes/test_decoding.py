@@ -68,8 +68,9 @@ def test_runtime_generate_in_every_mode(decoder_bundle, micro_bundle) -> None:
     assert early.blocks[0] == 4 and set(early.blocks[1:]) <= {1} and early.mean_exit_block < 4
     with pytest.raises(ConfigError, match="mode"):
         rt.generate(image, mode="fast")
-    with pytest.raises(InputError, match="max_new_tokens"):
-        rt.generate(image, max_new_tokens=1000)
+    for hostile in (1000, 0, -3, 2.5, "4", True):
+        with pytest.raises(InputError, match="max_new_tokens"):
+            rt.generate(image, max_new_tokens=hostile)
     with pytest.raises(InputError, match="prompt"):
         rt.generate(image, prompt=5)
     with pytest.raises(ConfigError, match="generative"):
