@@ -23,9 +23,8 @@ def bundle_split(bundle: Bundle, spec: str | None, split: str) -> tuple[Dataset,
     """Rows of ``split`` ('train', 'val', 'test' or 'all'); the bundle's own data set gets the exact
     split its model was trained with (checked by fingerprint)."""
     if bundle.decoder is not None:
-        raise ConfigError(f"bundle {bundle.name!r} generates text: calibrate, eval and bench take classifier bundles "
-                          "for now; decode with `freedeploy run BUNDLE IMAGE --mode exit|speculative|full`, "
-                          "time it with benchmarks/generate_bench.py")
+        raise ConfigError(f"bundle {bundle.name!r} generates text: its rows are images and prompts with reference "
+                          "texts (analysis.generation.generation_rows), not labelled samples")
     source = (bundle.provenance.get("source") or {}).get("data") or {}
     spec = spec or source.get("spec")
     if not spec:
@@ -34,18 +33,25 @@ def bundle_split(bundle: Bundle, spec: str | None, split: str) -> tuple[Dataset,
     if tuple(data.label_names) != tuple(bundle.labels):
         raise DataError(f"data set {spec!r} has labels {list(data.label_names)[:6]}..., the bundle "
                         f"{list(bundle.labels)[:6]}...: they must be the same classes in the same order")
+    return data, split_of(bundle, data, split)
+
+
+def split_of(bundle: Bundle, data: Dataset, split: str) -> np.ndarray:
+    """Row indices of ``split`` of ``data``; for the bundle's own data set, the exact split its model
+    was trained with (checked by fingerprint)."""
     if split == "all":
-        return data, np.arange(len(data))
-    same = spec == source.get("spec")
+        return np.arange(len(data))
+    source = (bundle.provenance.get("source") or {}).get("data") or {}
+    same = data.spec == source.get("spec")
     splits = make_splits(data.labels, seed=int(source.get("split_seed", 0)) if same else 0, groups=data.groups)
     if split not in splits:
         raise DataError(f"unknown split {split!r}: use train, val, test or all")
     idx = splits[split]
     want = (source.get("split_digests") or {}).get(split)
     if same and want and split_digest(idx) != want:
-        raise DataError(f"the {split} split of {spec!r} differs from the one the model was trained with "
+        raise DataError(f"the {split} split of {data.spec!r} differs from the one the model was trained with "
                         "(the data set changed?); pass --split all with separate data instead")
-    return data, idx
+    return idx
 
 
 def analytic_speedup(bundle: Bundle, taken: np.ndarray, thresholds: list[float | None]) -> float:

@@ -77,13 +77,19 @@ def plot_all(out_dir: Path, sweep: dict[str, Any]) -> list[Path]:
     first = out_dir / "speedup_accuracy.png"
     fig.savefig(first, dpi=120)
     plt.close(fig)
+    return [first, exit_histogram_png(out_dir, own["exit_share"], "test samples")]
+
+
+def exit_histogram_png(out_dir: Path, share: dict[str, float], what: str) -> Path:
+    """``exit_histogram.png``: the share of ``what`` leaving at each exit (by block) and the final head."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3))
-    share = own["exit_share"]
     ax.bar([k if k == "final" else f"block {k}" for k in share], [100 * v for v in share.values()])
-    ax.set_ylabel("share of test samples (%)")
-    ax.set_title("where samples leave (bundle thresholds)")
+    ax.set_ylabel(f"share of {what} (%)")
+    ax.set_title(f"where {what.split()[-1]} leave (bundle thresholds)")
     fig.tight_layout()
-    second = out_dir / "exit_histogram.png"
-    fig.savefig(second, dpi=120)
+    path = out_dir / "exit_histogram.png"
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [first, second]
+    return path

@@ -198,7 +198,8 @@ def _decode_parity(bundle: Bundle, reference: Reference, backend: OrtBackend, da
     for i, prompt in enumerate(data.prompts):
         image = data.images[i:i + 1]
         ref = reference(torch.from_numpy(image), prompt, data.max_new, thresholds)
-        got = greedy_decode(backend, bundle, image, prompt, data.max_new, thresholds=thresholds, plan=plan)
+        got = greedy_decode(backend, bundle, image, prompt, data.max_new, thresholds=thresholds, plan=plan,
+                            kv="propagate")  # the reference's rule
         tokens += len(ref.tokens)
         if got.tokens != ref.tokens or got.exits != ref.exits:
             mismatched += 1

@@ -3,7 +3,9 @@
 Precision is already inside the ONNX (fp16, or explicit Q/DQ int8), so every network is strongly
 typed and no precision builder flag is set. The same code therefore builds on TensorRT 10.3
 (JetPack 6) and on 11.x, where the fp16/int8 builder flags, the INT8 calibrators and
-``EXPLICIT_BATCH`` are gone (checked against the TensorRT 11.0-11.4 Python migration guides).
+``EXPLICIT_BATCH`` are gone (checked against the TensorRT 11.0-11.4 Python migration guides and
+NVIDIA's sources at v10.3.0, v11.0 and v11.1). ``build.json`` records the builder flags the config
+really has: TF32 is on by default in 10.x and 11.x, so that list is not empty.
 Plans are written raw, with no header of ours, so trtexec, Triton and DeepStream can load them.
 What they were built from and with is recorded beside them::
 
@@ -26,7 +28,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from runtimes.atomic import Replaceable, atomic_directory, atomic_write_text
 from runtimes.backends.tensorrt_device import (BUILD_FILE, BUILD_SCHEMA, ENGINES_DIR, DeviceInfo, detect_device,
@@ -37,8 +39,8 @@ from runtimes.bundle import Bundle, load_bundle
 from runtimes.records import ENGINE_PRECISIONS, EngineSet, GraphBuild
 from runtimes.errors import BundleError, ConfigError, ExportError
 
-__all__ = ["DeviceInfo", "BuildResult", "detect_device", "target_key", "profile_for", "decoder_dims", "onnx2plan", "build_engines",
-           "read_build", "list_engine_sets", "TIMING_CACHE"]
+__all__ = ["DeviceInfo", "BuildResult", "PlanBuild", "detect_device", "target_key", "profile_for", "decoder_dims",
+           "onnx2plan", "build_engines", "read_build", "list_engine_sets", "TIMING_CACHE"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,14 @@ TIMING_CACHE = "timing.cache"
 ENGINE_SET = Replaceable("a TensorRT engine set", BUILD_FILE, "graphs")  # what build --overwrite may replace
 Profile = dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]  # input -> (min, opt, max) shape
 Progress = Callable[[str, float], None]  # (message, fraction of the whole job done)
+
+
+class PlanBuild(NamedTuple):
+    """What ``onnx2plan`` built: the raw plan, the timing cache after the build, the builder flags that were set."""
+
+    plan: bytes
+    timing_cache: bytes
+    builder_flags: tuple[str, ...]  # by enum name, e.g. ("TF32",): TensorRT's defaults count too
 
 
 @dataclass(frozen=True)
@@ -149,8 +159,8 @@ def _timing_cache(config: Any, data: bytes | None, onnx_path: Path) -> Any:
 
 
 def onnx2plan(onnx_path: Path, profile: Profile, *, timing_cache: bytes | None = None, workspace_bytes: int = 2 << 30,
-              optimization_level: int = 3, progress: Progress | None = None) -> tuple[bytes, bytes]:
-    """Build one ONNX file into a raw serialized plan; returns (plan, serialized timing cache)."""
+              optimization_level: int = 3, progress: Progress | None = None) -> PlanBuild:
+    """Build one ONNX file into a raw serialized plan, with the timing cache and builder flags it was built with."""
     if not 0 <= optimization_level <= 5:
         raise ConfigError(f"the builder optimization level must be 0..5, got {optimization_level}")
     if workspace_bytes <= 0:
@@ -178,7 +188,11 @@ def onnx2plan(onnx_path: Path, profile: Profile, *, timing_cache: bytes | None =
         config.progress_monitor = monitor
     shapes = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profile.items():
-        shapes.set_shape(name, lo, opt, hi)
+        try:
+            shapes.set_shape(name, lo, opt, hi)
+        except RuntimeError as exc:  # the binding raises when min <= opt <= max or the ranks do not hold
+            raise ExportError(f"TensorRT rejected the profile of {name} for {onnx_path} (min {lo}, opt {opt}, max "
+                              f"{hi}): {exc}") from exc
     if config.add_optimization_profile(shapes) < 0:
         raise ExportError(f"TensorRT rejected the optimization profile {profile} for {onnx_path}")
     _timing_cache(config, timing_cache, onnx_path)
@@ -188,7 +202,12 @@ def onnx2plan(onnx_path: Path, profile: Profile, *, timing_cache: bytes | None =
     if plan is None:
         raise ExportError(f"TensorRT failed to build {onnx_path}; the TensorRT log above says why (a larger "
                           "--workspace-gb or a lower --opt-level can help)")
-    return bytes(plan), bytes(config.get_timing_cache().serialize())
+    return PlanBuild(bytes(plan), bytes(config.get_timing_cache().serialize()), _builder_flags(trt, config))
+
+
+def _builder_flags(trt: Any, config: Any) -> tuple[str, ...]:
+    """The builder flags ``config`` has set, by name (none are set here, but TensorRT sets TF32 by default)."""
+    return tuple(sorted({flag.name for flag in trt.BuilderFlag.__members__.values() if config.get_flag(flag)}))
 
 
 def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = BuildDefaults.workspace_gb,
@@ -215,22 +234,23 @@ def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = Bui
     workspace = int(workspace_gb * (1 << 30))
     say = progress or (lambda message, fraction: None)
     cache = (target / TIMING_CACHE).read_bytes() if overwrite and (target / TIMING_CACHE).is_file() else None
-    keys, graphs = bundle.graph_keys(), {}
+    keys, graphs, flags = bundle.graph_keys(), {}, set()
     with atomic_directory(target, overwrite=overwrite, kind=ENGINE_SET) as tmp:  # never a half-written set
         for i, gkey in enumerate(keys):
             rel, profile = bundle.graph(gkey).files[precision], profile_for(bundle, gkey)
             say(f"building {gkey}", i / len(keys))
             t1 = time.perf_counter()
-            plan, cache = onnx2plan(bundle.path(rel), profile, timing_cache=cache, workspace_bytes=workspace,
-                                    optimization_level=optimization_level,
-                                    progress=_scaled(say, gkey, i, len(keys)) if progress else None)
+            plan, cache, used = onnx2plan(bundle.path(rel), profile, timing_cache=cache, workspace_bytes=workspace,
+                                          optimization_level=optimization_level,
+                                          progress=_scaled(say, gkey, i, len(keys)) if progress else None)
+            flags.update(used)
             (tmp / naming.plan_file(gkey)).write_bytes(plan)
             graphs[gkey] = GraphBuild(rel, bundle.files[rel], naming.plan_file(gkey), hashlib.sha256(plan).hexdigest(),
                                       round(time.perf_counter() - t1, 3),
                                       {n: {"min": s[0], "opt": s[1], "max": s[2]} for n, s in profile.items()})
         (tmp / TIMING_CACHE).write_bytes(cache or b"")
         record = _build_record(trt, info, key, precision, bundle, graphs, cache or b"", workspace, optimization_level,
-                               time.perf_counter() - t0)
+                               sorted(flags), time.perf_counter() - t0)
         atomic_write_text(tmp / BUILD_FILE, json.dumps(record.to_dict(), indent=2) + "\n")
     say(f"built {len(keys)} engines", 1.0)
     log.info("built %d TensorRT engines into %s", len(keys), target)
@@ -243,14 +263,14 @@ def _scaled(say: Progress, gkey: str, index: int, total: int) -> Progress:
 
 def _build_record(trt: Any, info: DeviceInfo, key: str, precision: str, bundle: Bundle,
                   graphs: dict[str, GraphBuild], cache: bytes, workspace: int, optimization_level: int,
-                  seconds: float) -> EngineSet:
+                  builder_flags: list[str], seconds: float) -> EngineSet:
     """build.json: settings by enum *name*, because TensorRT 11 renumbered enum values."""
     return EngineSet(
         schema=BUILD_SCHEMA, key=key, precision=precision, tensorrt_version=info.tensorrt_version, graphs=graphs,
         bundle=bundle.name, cuda_runtime_version=info.cuda_runtime_version, cuda_driver_version=info.driver_version,
         gpu={"name": info.gpu_name, "compute_capability": list(info.compute_capability), "board": info.board},
         jetpack_l4t=info.jetpack,
-        settings={"strongly_typed": True, "network_flags": _network_flags(trt)[1], "builder_flags": [],
+        settings={"strongly_typed": True, "network_flags": _network_flags(trt)[1], "builder_flags": builder_flags,
                   "memory_pool_limits": {trt.MemoryPoolType.WORKSPACE.name: workspace},
                   "builder_optimization_level": optimization_level, "optimization_profiles": 1,
                   "batch": {"min": bundle.batch.min, "opt": bundle.batch.opt, "max": bundle.batch.max}},

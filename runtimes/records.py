@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from runtimes.errors import BundleError, FreedeployError
 from runtimes.typed import from_dict, to_dict
 
-__all__ = ["PRECISIONS", "ENGINE_PRECISIONS", "INT8_HEADS", "StageCosts", "ExitChoice", "Certificate", "GraphBuild", "EngineSet", "FileCheck", "Mismatch",
+__all__ = ["PRECISIONS", "ENGINE_PRECISIONS", "INT8_HEADS", "StageCosts", "ExitChoice", "SpeculativeChoice", "Certificate", "GraphBuild", "EngineSet", "FileCheck", "Mismatch",
            "ChainParity", "PrecisionCheck", "DecodeCheck", "ValidationReport", "read_json_record", "BUILD_SCHEMA", "VALIDATION_FILE",
            "check_thresholds", "schemas"]
 
@@ -89,6 +89,24 @@ class ExitChoice(_Record):
 
 
 @dataclass(frozen=True)
+class SpeculativeChoice(_Record):
+    """Generative bundles: the draft exit and draft length self-speculation uses by default, chosen
+    by measurement on the calibration rows (the text is the full model's whatever they are)."""
+
+    draft_block: int  # the block of the exit that drafts
+    draft_len: int  # drafts per verification
+    n: int  # rows it was measured on
+    predicted_ms_per_token: float  # from each graph's measured time and the calls decoding made
+    monolithic_ms_per_token: float
+    acceptance: float  # share of drafts the full model accepted
+    rule: str  # how the choice was made, in words
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if self.draft_len < 1 or self.n < 1:
+            raise error(f"{where}: a speculative choice needs draft_len >= 1 and n >= 1, found {self.draft_len}, {self.n}")
+
+
+@dataclass(frozen=True)
 class Certificate(_Record):
     """What ``freedeploy calibrate`` promised, and on what: with probability at least 1 - epsilon
     over the calibration draw, the loss (disagreement with the full model, or accuracy drop with
@@ -118,6 +136,8 @@ class Certificate(_Record):
     data: Mapping[str, Any] = field(default_factory=dict)  # data set and split it was measured on
     calibrated: str = ""  # ISO 8601 time
     exit_selection: ExitChoice | None = None  # None: no exits selected; all n samples certify
+    level: str | None = field(default=None, metadata={"omit_none": True})  # generative: sequence or token
+    speculative: SpeculativeChoice | None = field(default=None, metadata={"omit_none": True})  # generative
 
     def check(self, where: str, error: _Error = BundleError) -> None:
         if self.exit_selection is not None and (

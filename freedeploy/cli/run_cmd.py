@@ -93,11 +93,18 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
               help="Generative bundles: exit (each token leaves at the first confident exit), speculative (an exit "
                    "drafts, the full model checks: the full model's text) or full (the monolithic decoder).")
 @click.option("--max-new-tokens", type=click.IntRange(1), help="Generative bundles [default: what the positions allow].")
+@click.option("--deadline-ms", type=float,
+              help="Classifier bundles: per input, answer by this many milliseconds with the deepest exit computed "
+                   "so far (marked 'forced', outside the certificate); granularity one graph call.")
+@click.option("--monitor", "monitor_rate", type=float,
+              help="Classifier bundles: check this share of inputs (0 < RATE <= 1) against the final head and warn "
+                   "when early exit disagrees with it beyond the certified tolerance.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON list on stdout, a row per input: its result, or its error (see above).")
 def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | None, precision: str | None,
         thresholds: list[float | None] | None, policy: str, max_frames: int | None, question: str | None,
-        prompt: str | None, mode: str, max_new_tokens: int | None, as_json: bool) -> None:
+        prompt: str | None, mode: str, max_new_tokens: int | None, deadline_ms: float | None,
+        monitor_rate: float | None, as_json: bool) -> None:
     """Run a bundle on images (files, folders), a video file, a camera index, or texts ('-': stdin lines).
     A vision-language bundle answers --question about each image; a generative bundle writes text
     for each image (after --prompt, if given) and prints it with the mean block its tokens left at.
@@ -111,17 +118,26 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
     --json list such an input's row is {"input": NAME, "error": {"type": "InputError",
     "exit_code": 10, "message": "..."}} in its place among the results. Results computed so
     far are printed even when the run stops early (Ctrl-C, a failing backend).
+
+    --deadline-ms and --monitor end the run with a summary on stderr: answers forced by the
+    deadline, and the drift monitor's checks, disagreement and upper bound against the tolerance.
     """
     from runtimes import Runtime
+    from runtimes.deadline import check_deadline
     from runtimes.errors import ConfigError, InputError
     from runtimes.preprocess import ImageTextSpec, TextSpec
 
-    rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, policy=policy)
+    if deadline_ms is not None:
+        check_deadline(deadline_ms)  # before anything loads
+    watched = {} if monitor_rate is None else {"monitor": monitor_rate}
+    rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, policy=policy, **watched)
     if thresholds is not None:
         rt.thresholds = thresholds
     if rt.bundle.decoder is not None:
         if question is not None:
             raise ConfigError("a generative bundle takes --prompt, not --question")
+        if deadline_ms is not None:
+            raise ConfigError("--deadline-ms applies to classifier bundles; a generative bundle decodes to the end")
         return _generate(rt, inputs, prompt or "", mode, max_new_tokens, max_frames, as_json)
     if prompt is not None or mode != "exit" or max_new_tokens is not None:
         raise ConfigError(f"--prompt, --mode and --max-new-tokens apply to generative bundles; {rt.bundle.name!r} "
@@ -141,23 +157,41 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
             try:
                 if isinstance(item, Exception):
                     raise InputError(str(item))
-                p = rt.infer([item], question=question)[0]
+                p = rt.infer([item], question=question, deadline_ms=deadline_ms)[0]
             except InputError as exc:  # this input only: the others still run
                 failed += 1
                 records.append(_error_row(name, asked, exc))
                 continue
             records.append({"input": name, **asked, "label": p.label, "class": p.class_index,
-                            "confidence": round(p.confidence, 6), "block": p.block, "exit_index": p.exit_index})
+                            "confidence": round(p.confidence, 6), "block": p.block, "exit_index": p.exit_index,
+                            **({} if deadline_ms is None else {"forced": p.forced})})
             if not as_json:
                 where = (f"final head (block {p.block})" if p.exit_index == len(rt.bundle.exits)
                          else f"exit at block {p.block} of {rt.bundle.num_blocks}")
-                click.echo(f"{name}: {p.label}  (confidence {p.confidence:.3f}, {where})")
+                click.echo(f"{name}: {p.label}  (confidence {p.confidence:.3f}, {where}"
+                           f"{', forced by the deadline' if p.forced else ''})")
     finally:  # a run cut short (Ctrl-C on a camera, a failing backend) still reports what it computed
         if as_json:
             emit_json(records)
+        for line in _summary(rt, deadline_ms):
+            click.echo(line, err=True)
         rt.close()
     if failed:
         raise click.exceptions.Exit(InputError.exit_code)
+
+
+def _summary(rt: Any, deadline_ms: float | None) -> list[str]:
+    """What --deadline-ms and --monitor saw over the run, for stderr."""
+    stats, lines = rt.stats(), []
+    d, m = stats.deadline, stats.monitor
+    if deadline_ms is not None and d.calls:
+        lines.append(f"deadline {deadline_ms:g} ms: {d.forced} of {d.rows} answers forced (outside the certificate), "
+                     f"{d.late} late by at most {d.worst_overrun_ms:.2f} ms")
+    if m is not None:
+        rate = "n/a" if m.checked == 0 else f"{100 * m.disagreement:.2f}%"
+        lines.append(f"monitor: {m.checked} of {m.rows} inputs checked against the final head, disagreement {rate} "
+                     f"(upper bound {100 * m.upper_bound:.1f}%, tolerance {100 * m.tolerance:.2f}%): {m.state}")
+    return lines
 
 
 def _error_row(name: str, extra: dict[str, Any], exc: Any) -> dict[str, Any]:
@@ -184,9 +218,12 @@ def _generate(rt: Any, inputs: tuple[str, ...], prompt: str, mode: str, max_new:
                 failed += 1
                 records.append(_error_row(name, {"prompt": prompt}, exc))
                 continue
+            _, tok = rt.decoding()
             records.append({"input": name, "prompt": prompt, "text": g.text, "mode": g.mode, "tokens": list(g.tokens),
-                            "blocks": list(g.blocks), "mean_exit_block": round(g.mean_exit_block, 3),
-                            "calls": g.calls, "ms": round(1000 * g.seconds, 3)})
+                            "words": [tok.id_to_token(t) for t in g.tokens], "blocks": list(g.blocks),
+                            "confidences": [round(c, 6) for c in g.confidences],
+                            "mean_exit_block": round(g.mean_exit_block, 3), "calls": g.calls,
+                            "ms": round(1000 * g.seconds, 3), "prefill_ms": round(1000 * g.prefill_seconds, 3)})
             if not as_json:
                 click.echo(f"{name}: {g.text}  ({mode}: {len(g.tokens)} tokens, mean exit block "
                            f"{g.mean_exit_block:.1f} of {blocks}, {1000 * g.seconds:.1f} ms)")

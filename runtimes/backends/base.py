@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Mapping, Sequence
 
 import numpy as np
 
 from runtimes.bundle import Bundle
 from runtimes.errors import ConfigError
 
-__all__ = ["Backend", "device_form"]
+__all__ = ["Backend", "HostMemory", "device_form"]
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
@@ -76,9 +76,74 @@ class Backend(ABC):
     def compact(self, state: Any, keep: np.ndarray) -> None:
         """Keep only rows ``keep`` (sorted int64 indices) of every batched tensor in the state."""
 
+    def bind(self, graph: str, arrays: Mapping[str, np.ndarray]) -> Callable[[], None]:
+        """A call of ``graph`` that reads its inputs from ``arrays`` and writes its outputs into them, in
+        place: the batch-1 decoding loop keeps its buffers (the preallocated KV cache among them) and
+        calls graphs on them token after token. Shapes are fixed until the caller binds again.
+
+        This default runs the graph through ``start``/``run``/``fetch`` and copies the outputs into
+        the caller's arrays; a backend that can read and write the arrays where they are overrides it
+        (ONNX Runtime on the CPU binds them, no copy)."""
+        spec = self.bundle.graph(graph)
+        inputs, outputs = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+        missing = [n for n in (*inputs, *outputs) if n not in arrays]
+        if missing:
+            raise ConfigError(f"binding {graph}: no array for {', '.join(missing)}")
+
+        def call() -> None:
+            state = self.start({n: arrays[n] for n in inputs})
+            self.run(graph, state)
+            got = self.fetch(state, outputs)
+            for n in outputs:
+                arrays[n][...] = got[n]
+        return call
+
+    def decode_memory(self) -> "HostMemory":
+        """Where one decoding session (``runtimes.decoding``) keeps its buffers, and how its graphs are
+        bound to them: host numpy arrays and ``bind`` by default (ONNX Runtime, and any backend that
+        runs graphs on host arrays). A backend that keeps tensors on a device returns its own memory
+        with the same five calls (``alloc``, ``copy``, ``write``, ``read``, ``bind``); TensorRT does."""
+        return HostMemory(self)
+
     def close(self) -> None:
         """Release sessions, engines and buffers."""
 
     def describe(self) -> dict[str, Any]:
         """What runs where, for reports: backend, precision, device and backend-specific settings."""
         return {"backend": self.name, "precision": self.precision, "device": self.device}
+
+
+class HostMemory:
+    """The decoding loop's buffers in host memory: a region is a numpy array, and a view of one is
+    numpy's own (``keys[layer, :, :bucket]``, ``masks[:, 0, at:at + n]``), made without a copy.
+
+    The loop moves data only through these calls, so the same loop runs on device memory too:
+
+    - ``alloc(shape, dtype)``: a new region, zero-filled (C order; views of it keep numpy's indexing);
+    - ``copy(dst, src)``: region to region, same shape (a commit of new keys and values into the cache);
+    - ``write(dst, values)``: host values into a region, broadcast to its shape (tokens, mask rows);
+    - ``read(*srcs)``: the regions as host arrays, here the arrays themselves: valid until a graph
+      call or a write changes them, so read what you need at once (a decision: a token, a confidence);
+    - ``bind(graph, regions)``: a call of the graph on regions, its outputs written in place
+      (``Backend.bind``)."""
+
+    device = False
+
+    def __init__(self, backend: Backend) -> None:
+        self.bind = backend.bind
+
+    @staticmethod
+    def alloc(shape: Sequence[int], dtype: Any) -> np.ndarray:
+        return np.zeros(tuple(shape), dtype)
+
+    @staticmethod
+    def copy(dst: np.ndarray, src: np.ndarray) -> None:
+        dst[...] = src
+
+    @staticmethod
+    def write(dst: np.ndarray, values: Any) -> None:
+        dst[...] = values
+
+    @staticmethod
+    def read(*srcs: np.ndarray) -> tuple[np.ndarray, ...]:
+        return srcs

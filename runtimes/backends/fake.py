@@ -6,11 +6,16 @@ logged with the batch it ran on.
 
     bundle = fake_bundle(num_exits=3)
     backend = FakeBackend(bundle, confidences=conf, predictions=pred)   # (N, K + 1) each
+    FakeBackend(bundle, ..., delays={"segment": 0.002, "exit_0": 0.0005})  # seconds per call, waited out
+
+``delays`` gives a graph call a duration, by graph key or by kind (``segment``, ``exit``: the key's
+first word), so deadline logic can be tested against controlled stage times.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import time
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -48,7 +53,8 @@ class FakeBackend(Backend):
     name = "fake"
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", device: str = "cpu",
-                 confidences: np.ndarray | None = None, predictions: np.ndarray | None = None, **options: Any) -> None:
+                 confidences: np.ndarray | None = None, predictions: np.ndarray | None = None,
+                 delays: Mapping[str, float] | None = None, **options: Any) -> None:
         super().__init__(bundle, precision, device, **options)
         k = len(bundle.exits) + 1
         self.confidences = np.zeros((0, k), np.float32) if confidences is None else np.asarray(confidences, np.float32)
@@ -57,6 +63,8 @@ class FakeBackend(Backend):
         # which column of the script answers each head: exit k's, or the final head's (-1)
         self._column = {s.exit.graph.key: s.index for s in bundle.stages if s.exit is not None}
         self.fetched: list[str] = []
+        delays = dict(delays or {})
+        self._delay = {g.key: float(delays.get(g.key, delays.get(g.key.split("_")[0], 0.0))) for g in bundle.graphs}
 
     def start(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in inputs.items()}
@@ -65,6 +73,11 @@ class FakeBackend(Backend):
         spec = self.bundle.graph(graph)
         ids = state[spec.inputs[0].name].reshape(len(state[spec.inputs[0].name]), -1)[:, 0].astype(np.int64)
         self.calls.append((graph, len(ids)))
+        delay = self._delay.get(graph, 0.0)
+        if delay:
+            end = time.perf_counter() + delay
+            while time.perf_counter() < end:  # a busy wait: sleeping overshoots by a scheduler tick
+                pass
         names = [t.name for t in spec.outputs]
         if spec.outputs[0].role == "hidden":
             state[names[0]] = state[spec.inputs[0].name].reshape(len(ids), 1)

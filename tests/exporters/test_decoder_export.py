@@ -79,9 +79,15 @@ def test_every_exit_path_with_state_fill_equals_torch(exported, model, data, thr
 
 def test_decoding_counts_calls_and_refuses_too_long_requests(exported, data) -> None:
     backend, b = OrtBackend(exported.bundle, "fp32"), exported.bundle
-    out = greedy_decode(backend, b, data.images[:1], data.prompts[0], 4, thresholds=[0.0, None])
+    out = greedy_decode(backend, b, data.images[:1], data.prompts[0], 4, thresholds=[0.0, None], kv="propagate")
     # encode + prefill, then per token after the first: step 0, exit 0 and the two fills
     assert out.exits[0] == 2 and out.calls == 2 + 4 * (len(out.tokens) - 1)
+    assert out.graph_calls["fill_1"] == out.graph_calls["fill_2"] == len(out.tokens) - 1
+    out = greedy_decode(backend, b, data.images[:1], data.prompts[0], 4, thresholds=[0.0, None])
+    # recomputation: step 0 and exit 0 only; the skipped layers wait (the sequence ends before a deep token)
+    assert out.calls == 2 + 2 * (len(out.tokens) - 1) and "fill_1" not in out.graph_calls
+    with pytest.raises(ConfigError, match="kv"):
+        greedy_decode(backend, b, data.images[:1], data.prompts[0], 4, kv="lazy")
     with pytest.raises(InputError, match="positions"):
         greedy_decode(backend, b, data.images[:1], data.prompts[0], 40)
     with pytest.raises(ConfigError, match="thresholds"):

@@ -1,4 +1,5 @@
-"""``exporters.tensorrt`` against the TensorRT 10.3 and 11.0 API surfaces (fakes, CPU only).
+"""``exporters.tensorrt`` against the TensorRT 10.3 and 11.0 API surfaces (fakes, CPU only), 10.3 with
+cuda-python 12.6.2.post1 (JetPack 6), 11.0 with cuda-bindings 13 on a CUDA 13 driver.
 
 The fakes prove the calls exist in each version's Python API, not that engines build; the
 GPU-marked tests in ``test_tensorrt_gpu.py`` build for real.
@@ -20,11 +21,13 @@ from runtimes.errors import BackendUnavailableError, BundleError, ConfigError, E
 from tests.fakes.fake_tensorrt import FakeGpu, blocked_modules, installed_fakes, make_fake_bundle
 
 VERSIONS = ["10.3.0", "11.0.0"]
+FLAVOURS = {"10.3.0": dict(cuda="12.6.2.post1", driver_version=12060),
+            "11.0.0": dict(cuda="13.0.3", driver_version=13000)}
 
 
 @pytest.fixture(params=VERSIONS)
 def gpu(request: pytest.FixtureRequest) -> FakeGpu:
-    with installed_fakes(request.param) as fake:
+    with installed_fakes(request.param, **FLAVOURS[request.param]) as fake:
         yield fake
 
 
@@ -50,11 +53,13 @@ def test_build_writes_raw_plans_timing_cache_and_build_json(gpu: FakeGpu, bundle
     build = json.loads((res.directory / "build.json").read_text())
     version = gpu.trt.__version__
     assert build["schema"] == 1 and build["key"] == res.key and build["precision"] == "fp16"
-    assert (build["tensorrt_version"], build["cuda_runtime_version"], build["cuda_driver_version"]) == (version, "12.6", "12.8")
+    driver = "12.6" if version.startswith("10.") else "13.0"
+    # the runtime is the libcudart installed (12.6), not the CUDA the bindings were built for
+    assert (build["tensorrt_version"], build["cuda_runtime_version"], build["cuda_driver_version"]) == (version, "12.6", driver)
     assert build["gpu"] == {"name": "NVIDIA H200", "compute_capability": [9, 0], "board": None}
     assert build["jetpack_l4t"] is None
     settings = build["settings"]
-    assert settings["strongly_typed"] is True and settings["builder_flags"] == []
+    assert settings["strongly_typed"] is True and settings["builder_flags"] == ["TF32"]  # TensorRT's default
     assert settings["memory_pool_limits"] == {"WORKSPACE": 1 << 29}  # by enum name, not value
     assert settings["builder_optimization_level"] == 2
     assert settings["network_flags"] == (["STRONGLY_TYPED"] if version.startswith("10.") else [])
@@ -195,7 +200,7 @@ def test_missing_tensorrt_says_what_to_install(tmp_path: Path, monkeypatch: pyte
     with blocked_modules("tensorrt"):
         with pytest.raises(BackendUnavailableError) as info:
             ex.detect_device()
-        assert "pip install tensorrt cuda-bindings" in str(info.value)
+        assert "pip install tensorrt-cu12 'cuda-bindings>=12.8,<13'" in str(info.value)
         with pytest.raises(BackendUnavailableError, match="TensorRT is not importable"):
             ex.build_engines(bundle_dir, "fp16")
         assert not (bundle_dir / "engines").exists()
@@ -206,17 +211,18 @@ def test_missing_tensorrt_says_what_to_install(tmp_path: Path, monkeypatch: pyte
             ex.detect_device()
         msg = str(info.value)
         assert "JetPack" in msg and "--system-site-packages" in msg and "pip install tensorrt" not in msg
+        assert "pip install 'cuda-python==12.6.2.post1'" in msg and "cuda-bindings==13.0.*" in msg
 
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_missing_cuda_bindings_and_missing_gpu(version: str) -> None:
-    with installed_fakes(version), blocked_modules("cuda", "cuda.bindings", "cuda.bindings.runtime"):
+    with installed_fakes(version, **FLAVOURS[version]), blocked_modules("cuda", "cuda.bindings", "cuda.bindings.runtime"):
         with pytest.raises(BackendUnavailableError, match="cuda-bindings is not importable"):
             ex.detect_device()
-    with installed_fakes(version, devices=0):
+    with installed_fakes(version, devices=0, **FLAVOURS[version]):
         with pytest.raises(BackendUnavailableError, match="no CUDA GPU is visible"):
             ex.detect_device()
-    with installed_fakes(version):
+    with installed_fakes(version, **FLAVOURS[version]):
         with pytest.raises(ConfigError, match="cuda:3 does not exist"):
             ex.detect_device(3)
 

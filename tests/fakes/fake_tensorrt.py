@@ -1,13 +1,19 @@
-"""API-surface fakes of TensorRT (10.x, 11.x) and of cuda-bindings' ``cuda.bindings.runtime``.
+"""API-surface fakes of TensorRT (8.6, 10.x, 11.x) and of ``cuda.bindings`` (``tests.fakes.fake_cudart``).
 
-They prove the calls exist in the real 10.x/11.x APIs, not that engines build. Each class, method
-and enum member mirrors a name in the real Python API of that version (checked against NVIDIA's
-TensorRT 10.x Python API reference, the "Removed Python APIs" list of the 10.x -> 11.x migration
-guide (11.0-11.4), and cuda-bindings 12.x as used by NVIDIA's TensorRT samples). A name removed in
-a version is absent, so using it raises AttributeError; a deprecated name is present but noted in
-``FakeGpu.deprecated``. Enum *names* are real; most enum *values* here are only illustrative
-(NetworkDefinitionCreationFlag's are real: STRONGLY_TYPED is 1 in 10.x and 0 in 11.x). Every call
-lands, in order, in ``FakeGpu.calls``.
+They prove the calls exist in the real APIs, and fail where the real ones fail, not that engines
+build. Each class, method and enum member mirrors a name in the real Python API of that version,
+checked against NVIDIA's sources at the v8.6.1, v10.3.0, v10.12.0, v11.0 and v11.1 tags
+(``include/NvInfer.h``, ``python/src/infer/pyCore.cpp``) and the 10.x -> 11.x migration guide. A
+name removed in a version is absent, so using it raises AttributeError; a name deprecated *in that
+version* (not merely later) is present but noted in ``FakeGpu.deprecated``: in 10.3 the fp16/int8
+builder flags and ``platform_has_fast_fp16`` are not deprecated (10.12 and 10.5 deprecate them).
+BuilderFlag and NetworkDefinitionCreationFlag values are the real ones (11.0 renumbered them);
+other enum values are illustrative. Every call lands, in order, in ``FakeGpu.calls``.
+
+Where the real API is strict, so is the fake: ``IOptimizationProfile.set_shape`` raises
+``RuntimeError`` when min <= opt <= max does not hold (the binding's own messages); a new builder
+config has TF32 set, as TensorRT's does; ``execute_v2`` exists in 10.x and 11.x; 8.6 has no
+``IProgressMonitor`` and no STRONGLY_TYPED flag. Capture and driver behaviour: see ``fake_cudart``.
 
 Conventions that let a chain run end to end on a CPU:
 
@@ -19,6 +25,11 @@ Conventions that let a chain run end to end on a CPU:
 - the fake builder's plan is JSON describing the engine's tensors and its profile;
 - the fake engine "computes" row i of every output as the first element of row i of its first
   input, cast to the output dtype, so rows can be traced through chaining and compaction;
+- except an engine built from a real ONNX graph (one without ``fake_trt`` metadata, such as an
+  exported generative bundle's, or a stub whose script says ``"compute": "onnx"``): the plan records
+  the file, and the engine computes for real, running it with ONNX Runtime (one thread) on the bytes
+  in fake device memory at the context's current shapes, and writing the outputs back there;
+- a tensor address must be 256-byte aligned (``setTensorAddress`` says so): any other is refused;
 - device memory is bytearrays at addresses from 2**48 up (never a host address); pinned host
   memory is real (ctypes buffers), so the code under test can memmove into it, and copies check
   that host pointers are pinned.
@@ -27,13 +38,12 @@ Conventions that let a chain run end to end on a CPU:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import sys
 import types
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import onnx
@@ -42,132 +52,18 @@ from google.protobuf.message import DecodeError
 from runtimes.bundle import BatchSpec, TensorSpec, save_bundle, sha256_file
 from runtimes.plan import classifier_bundle, classifier_layout
 from runtimes.preprocess import ImageSpec
+from tests.fakes.fake_cudart import CUDA_FLAVOURS, FakeGpu, _Enum, _Member, bindings_module, make_fake_cudart
 from tests.fakes.onnx_stub import write_stub_onnx
 
 __all__ = ["FakeGpu", "make_fake_tensorrt", "make_fake_cudart", "installed_fakes", "blocked_modules",
-           "make_fake_bundle", "MODULE_NAMES"]
+           "make_fake_bundle", "MODULE_NAMES", "CUDA_FLAVOURS"]
 
-MODULE_NAMES = ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime")
-_DEVICE_BASE = 1 << 48
+MODULE_NAMES = ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime", "cuda.bindings.utils")
 _CACHE_MAGIC = b"FAKE-TRT-TIMING-CACHE "
 _PLAN_MAGIC = "fake-tensorrt-plan"
 _NUMPY = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_,
           "UINT8": np.uint8, "INT64": np.int64}
 _BY_NUMPY = {"float32": "FLOAT", "float16": "HALF", "int8": "INT8", "int32": "INT32", "bool": "BOOL", "int64": "INT64"}
-
-
-class FakeGpu:
-    """What the fakes share: the call log, deprecation notes, device and pinned memory, stream capture."""
-
-    def __init__(self, *, gpu_name: str = "NVIDIA H200", compute_capability: tuple[int, int] = (9, 0),
-                 devices: int = 1, driver_version: int = 12080, runtime_version: int = 12060) -> None:
-        self.gpu_name, self.compute_capability, self.devices = gpu_name, compute_capability, devices
-        self.driver_version, self.runtime_version = driver_version, runtime_version
-        self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.deprecated: list[str] = []
-        self.device: dict[int, bytearray] = {}
-        self.pinned: dict[int, Any] = {}  # address -> ctypes buffer kept alive until cudaFreeHost
-        self.capturing: dict[int, list[Callable[[], None]]] = {}  # stream handle -> operations captured
-        self.current_device = 0
-        self._next = _DEVICE_BASE
-        self.trt: types.ModuleType | None = None
-        self.cudart: types.ModuleType | None = None
-
-    def record(self, call: str, /, **args: Any) -> None:
-        self.calls.append((call, args))
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [args for n, args in self.calls if n == name]
-
-    def malloc(self, size: int) -> int:
-        address = self._next
-        self._next += (size + 255) // 256 * 256 + 256  # a gap, so an overrun never lands in a neighbour
-        self.device[address] = bytearray(size)
-        return address
-
-    def _span(self, address: int, size: int) -> tuple[bytearray, int]:
-        for base, mem in self.device.items():
-            if base <= address < base + max(len(mem), 1):
-                if address + size > base + len(mem):
-                    raise AssertionError(f"device access {address:#x}+{size} overruns the {len(mem)}-byte buffer at {base:#x}")
-                return mem, address - base
-        raise AssertionError(f"{address:#x} is not inside any live device allocation")
-
-    def _check_pinned(self, address: int, size: int) -> None:
-        for base, buf in self.pinned.items():
-            if base <= address and address + size <= base + ctypes.sizeof(buf):
-                return
-        raise AssertionError(f"host pointer {address:#x} (+{size}) is not pinned memory from cudaMallocHost/cudaHostAlloc")
-
-    def read(self, address: int, size: int) -> bytes:
-        if address >= _DEVICE_BASE:
-            mem, off = self._span(address, size)
-            return bytes(mem[off:off + size])
-        self._check_pinned(address, size)
-        return ctypes.string_at(address, size)
-
-    def write(self, address: int, data: bytes) -> None:
-        if address >= _DEVICE_BASE:
-            mem, off = self._span(address, len(data))
-            mem[off:off + len(data)] = data
-        else:
-            self._check_pinned(address, len(data))
-            ctypes.memmove(address, data, len(data))
-
-    def array(self, address: int, dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-        """What device memory at ``address`` holds, as numpy (for assertions)."""
-        dtype = np.dtype(dtype)
-        return np.frombuffer(self.read(address, int(np.prod(shape)) * dtype.itemsize), dtype=dtype).reshape(shape)
-
-
-class _Member(int):
-    """A pybind11 enum member: compares as an int, has ``.name``."""
-
-    def __new__(cls, enum: str, name: str, value: int) -> "_Member":
-        obj = super().__new__(cls, value)
-        obj.name, obj.enum = name, enum
-        return obj
-
-    @property
-    def value(self) -> int:
-        return int(self)
-
-    def __repr__(self) -> str:
-        return f"<{self.enum}.{self.name}: {int(self)}>"
-
-    __str__ = __repr__
-
-
-class _Enum:
-    """A pybind11 enum type: members as attributes; a removed name raises, a deprecated one is noted."""
-
-    def __init__(self, gpu: FakeGpu, name: str, members: dict[str, int], deprecated: set[str] = frozenset()) -> None:
-        self._gpu, self._name, self._deprecated = gpu, name, set(deprecated)
-        self._members = {k: _Member(name, k, v) for k, v in members.items()}
-
-    def __getattr__(self, item: str) -> _Member:
-        if not item.startswith("_") and item in self._members:
-            if item in self._deprecated:
-                self._gpu.deprecated.append(f"{self._name}.{item}")
-            return self._members[item]
-        raise AttributeError(f"type object '{self._name}' has no attribute '{item}'")
-
-    @property
-    def __members__(self) -> dict[str, _Member]:
-        return dict(self._members)
-
-
-class _Handle:
-    """A cuda-bindings handle type (cudaStream_t, ...): ``int(handle)`` is the raw pointer."""
-
-    def __init__(self, value: int) -> None:
-        self._value = value
-
-    def __int__(self) -> int:
-        return self._value
-
-    def getPtr(self) -> int:  # noqa: N802 - the real name
-        return self._value
 
 
 def _dims(shape: list[Any]) -> tuple[int, ...]:
@@ -186,12 +82,14 @@ def _read_onnx(model: str) -> dict[str, Any]:
     proto = onnx.load(str(model))
     onnx.checker.check_model(proto)
     meta = {p.key: p.value for p in proto.metadata_props}
-    script = json.loads(meta["fake_trt"]) if "fake_trt" in meta else {"graph": proto.graph.name}
+    # a real graph is named after its file (exporters name every graph "main_graph")
+    script = json.loads(meta["fake_trt"]) if "fake_trt" in meta else {"graph": Path(model).stem}
     if not isinstance(script, dict) or {"inputs", "outputs"} & set(script):
         raise AssertionError(f"{model}: the fake_trt metadata scripts behaviour (graph, errors, fail_build); "
                              "inputs and outputs come from the ONNX graph itself")
+    real = "fake_trt" not in meta or script.get("compute") == "onnx"  # a real graph: its engine computes it
     return {**script, "inputs": [_value_json(v) for v in proto.graph.input],
-            "outputs": [_value_json(v) for v in proto.graph.output]}
+            "outputs": [_value_json(v) for v in proto.graph.output], **({"onnx": str(model)} if real else {})}
 
 
 def _value_json(value: onnx.ValueInfoProto) -> dict[str, Any]:
@@ -201,12 +99,27 @@ def _value_json(value: onnx.ValueInfoProto) -> dict[str, Any]:
     return {"name": value.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name, "shape": shape}
 
 
+_FLAGS_10 = {"FP16": 0, "INT8": 1, "DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6,
+             "SPARSE_WEIGHTS": 7, "SAFETY_SCOPE": 8, "OBEY_PRECISION_CONSTRAINTS": 9, "PREFER_PRECISION_CONSTRAINTS": 10,
+             "DIRECT_IO": 11, "REJECT_EMPTY_ALGORITHMS": 12, "VERSION_COMPATIBLE": 13, "EXCLUDE_LEAN_RUNTIME": 14,
+             "FP8": 15, "ERROR_ON_TIMING_CACHE_MISS": 16, "BF16": 17, "DISABLE_COMPILATION_CACHE": 18, "STRIP_PLAN": 19,
+             "REFIT_IDENTICAL": 20, "WEIGHT_STREAMING": 21, "INT4": 22, "REFIT_INDIVIDUAL": 23}  # v10.3.0
+_FLAGS_11 = {"DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 4, "DISABLE_TIMING_CACHE": 5, "TF32": 6, "SPARSE_WEIGHTS": 7,
+             "SAFETY_SCOPE": 8, "DIRECT_IO": 11, "VERSION_COMPATIBLE": 12, "EXCLUDE_LEAN_RUNTIME": 13,
+             "ERROR_ON_TIMING_CACHE_MISS": 15, "DISABLE_COMPILATION_CACHE": 17, "STRIP_PLAN": 18, "REFIT_IDENTICAL": 19,
+             "WEIGHT_STREAMING": 20, "REFIT_INDIVIDUAL": 22, "STRICT_NANS": 23, "MONITOR_MEMORY": 24,
+             "EDITABLE_TIMING_CACHE": 26, "DISTRIBUTIVE_INDEPENDENCE": 27}  # v11.0
+# BuilderFlag members and the 10.x minor that deprecated them (include/NvInfer.h at v10.12.0)
+_FLAG_DEPRECATED_IN = {"FP16": 12, "INT8": 12, "OBEY_PRECISION_CONSTRAINTS": 12, "PREFER_PRECISION_CONSTRAINTS": 12,
+                       "FP8": 12, "BF16": 12, "INT4": 12, "DIRECT_IO": 7, "REJECT_EMPTY_ALGORITHMS": 10}
+
+
 def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.ModuleType:
-    """A ``tensorrt`` module with the 10.x or 11.x Python API surface our code may need."""
+    """A ``tensorrt`` module with the 8.6, 10.x or 11.x Python API surface our code may need."""
     gpu = gpu or FakeGpu()
-    major = int(version.split(".")[0])
-    if major not in (10, 11):
-        raise ValueError(f"fakes exist for TensorRT 10.x and 11.x, not {version}")
+    major, minor = (int(p) for p in version.split(".")[:2])
+    if major not in (8, 10, 11):
+        raise ValueError(f"fakes exist for TensorRT 8.6, 10.x and 11.x, not {version}")
     trt = types.ModuleType("tensorrt")
     trt.__version__ = version
     severity = _Enum(gpu, "ILogger.Severity", {"INTERNAL_ERROR": 0, "ERROR": 1, "WARNING": 2, "INFO": 3, "VERBOSE": 4})
@@ -215,18 +128,19 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
     trt.TensorIOMode = _Enum(gpu, "TensorIOMode", {"NONE": 0, "INPUT": 1, "OUTPUT": 2})
     trt.MemoryPoolType = _Enum(gpu, "MemoryPoolType", {"WORKSPACE": 0, "DLA_MANAGED_SRAM": 1, "DLA_LOCAL_DRAM": 2,
                                                        "DLA_GLOBAL_DRAM": 3, "TACTIC_DRAM": 4, "TACTIC_SHARED_MEMORY": 5})
-    common_flags = {"DEBUG": 2, "GPU_FALLBACK": 3, "REFIT": 5, "DISABLE_TIMING_CACHE": 6, "TF32": 7, "SPARSE_WEIGHTS": 8,
-                    "SAFETY_SCOPE": 9, "VERSION_COMPATIBLE": 15, "EXCLUDE_LEAN_RUNTIME": 16}
-    if major == 10:  # 10.x: EXPLICIT_BATCH is ignored (deprecated); STRONGLY_TYPED is the flag to set
+    if major == 8:  # 8.6: explicit batch is the flag to set; no STRONGLY_TYPED (9.1), no IProgressMonitor (9.x)
+        trt.NetworkDefinitionCreationFlag = _Enum(gpu, "NetworkDefinitionCreationFlag",
+                                                  {"EXPLICIT_BATCH": 0, "EXPLICIT_PRECISION": 1}, {"EXPLICIT_PRECISION"})
+        trt.BuilderFlag = _Enum(gpu, "BuilderFlag", {k: v for k, v in _FLAGS_10.items() if v <= 17})
+    elif major == 10:  # 10.x: EXPLICIT_BATCH is ignored (deprecated in 10.0); STRONGLY_TYPED is the flag to set
         trt.NetworkDefinitionCreationFlag = _Enum(gpu, "NetworkDefinitionCreationFlag",
                                                   {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1}, {"EXPLICIT_BATCH"})
-        weak = {"FP16": 0, "INT8": 1, "OBEY_PRECISION_CONSTRAINTS": 10, "PREFER_PRECISION_CONSTRAINTS": 11,
-                "DIRECT_IO": 12, "FP8": 13, "BF16": 17, "INT4": 19}
-        trt.BuilderFlag = _Enum(gpu, "BuilderFlag", {**weak, **common_flags}, set(weak))
+        trt.BuilderFlag = _Enum(gpu, "BuilderFlag", _FLAGS_10,
+                                {k for k, v in _FLAG_DEPRECATED_IN.items() if minor >= v})
     else:  # 11.x: strongly typed only; STRONGLY_TYPED kept (value 0) but ignored, EXPLICIT_BATCH and weak flags gone
         trt.NetworkDefinitionCreationFlag = _Enum(gpu, "NetworkDefinitionCreationFlag", {"STRONGLY_TYPED": 0},
                                                   {"STRONGLY_TYPED"})
-        trt.BuilderFlag = _Enum(gpu, "BuilderFlag", common_flags)
+        trt.BuilderFlag = _Enum(gpu, "BuilderFlag", _FLAGS_11, {"DIRECT_IO", "SAFETY_SCOPE"})
 
     def nptype(dtype: _Member) -> type:
         if dtype.name not in _NUMPY:
@@ -325,8 +239,15 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
             self.shapes: dict[str, tuple[tuple[int, ...], ...]] = {}
 
         def set_shape(self, input: str, min: Any, opt: Any, max: Any) -> None:  # noqa: A002 - the real names
-            gpu.record("IOptimizationProfile.set_shape", name=input, min=tuple(min), opt=tuple(opt), max=tuple(max))
-            self.shapes[input] = (tuple(min), tuple(opt), tuple(max))
+            """As the binding (pyCore.cpp ``opt_profile_set_shape``): min, then opt, then max, each checked."""
+            lo, mid, hi = tuple(min), tuple(opt), tuple(max)
+            gpu.record("IOptimizationProfile.set_shape", name=input, min=lo, opt=mid, max=hi)
+            for which, shape, below in (("min", lo, None), ("opt", mid, lo), ("max", hi, mid)):
+                bad = any(d < 0 for d in shape) if below is None else (
+                    len(shape) != len(below) or any(d < b for d, b in zip(shape, below)))
+                if bad:
+                    raise RuntimeError(f"Shape provided for {which} is inconsistent with other shapes.")
+            self.shapes[input] = (lo, mid, hi)
 
         def get_shape(self, input: str) -> list[tuple[int, ...]]:  # noqa: A002
             return list(self.shapes[input])
@@ -356,7 +277,7 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
         def __init__(self) -> None:
             self.pool_limits: dict[str, int] = {}
             self.profiles: list[IOptimizationProfile] = []
-            self.flags: set[str] = set()
+            self.flags: set[str] = {"TF32"}  # "Enabled by default" (BuilderFlag::kTF32, 10.x and 11.x)
             self._level, self._monitor, self._cache = 3, None, None
 
         def set_memory_pool_limit(self, pool: _Member, pool_size: int) -> None:
@@ -408,9 +329,8 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
 
         def add_optimization_profile(self, profile: IOptimizationProfile) -> int:
             gpu.record("IBuilderConfig.add_optimization_profile", shapes=dict(profile.shapes))
-            for lo, opt, hi in profile.shapes.values():
-                if not all(a <= b <= c for a, b, c in zip(lo, opt, hi)):
-                    return -1
+            if not profile.shapes:  # an invalid profile; inconsistent shapes never get here (set_shape raises)
+                return -1
             self.profiles.append(profile)
             return len(self.profiles) - 1
 
@@ -431,7 +351,7 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
 
         def create_network(self, flags: int = 0) -> INetworkDefinition:
             gpu.record("Builder.create_network", flags=flags)
-            if major == 10 and flags & 1:
+            if major in (8, 10) and flags & 1:
                 gpu.deprecated.append("NetworkDefinitionCreationFlag.EXPLICIT_BATCH (create_network flags)")
             if major == 11 and flags & 1:
                 gpu.deprecated.append("NetworkDefinitionCreationFlag.STRONGLY_TYPED (create_network flags)")
@@ -456,11 +376,13 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
                 return None
             if config.get_timing_cache() is not None:
                 config.get_timing_cache().entries.append(spec["graph"])
-            strongly = bool(network.flags & 2) if major == 10 else True
+            strongly = bool(network.flags & 2) if major == 10 else major == 11
             tensors = [{"name": t.name, "dtype": t.dtype.name, "shape": list(t.shape), "mode": mode}
                        for mode, group in (("INPUT", network._inputs), ("OUTPUT", network._outputs)) for t in group]
             plan = {"magic": _PLAN_MAGIC, "version": version, "graph": spec["graph"], "strongly_typed": strongly,
                     "tensors": tensors, "profile": {k: [list(s) for s in v] for k, v in config.profiles[0].shapes.items()}}
+            if "onnx" in spec:
+                plan["onnx"] = spec["onnx"]
             return IHostMemory(json.dumps(plan).encode())
 
     def _build_problem(network: INetworkDefinition, config: IBuilderConfig) -> str | None:
@@ -512,6 +434,9 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
         def set_tensor_address(self, name: str, memory: int) -> bool:
             gpu.record("IExecutionContext.set_tensor_address", graph=self.engine.name, name=name, address=memory)
             self.engine.tensor(name)
+            if int(memory) % 256:  # "The pointer must have at least 256-byte alignment."
+                gpu.record("Logger.log", severity="ERROR", msg=f"the address of {name} is not 256-byte aligned")
+                return False
             self._addresses[name] = int(memory)
             return True
 
@@ -527,14 +452,39 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
             names = [t["name"] for t in self.engine.tensors]
             if any(t["name"] not in self._shapes for t in self.engine.inputs) or any(n not in self._addresses for n in names):
                 return False
+            if not self._enqueue_allowed(stream_handle, captured):
+                return False
             shapes, addresses = dict(self._shapes), dict(self._addresses)  # what a captured graph freezes
-            run = lambda: self.engine.compute(shapes, addresses)  # noqa: E731
-            gpu.capturing[stream_handle].append(run) if captured else run()
+            gpu.issue(stream_handle, lambda: self.engine.compute(shapes, addresses))
+            return True
+
+        def _enqueue_allowed(self, stream: int, captured: bool) -> bool:
+            """TensorRT reports a CUDA error left pending by earlier work, and fails inside a capture
+            that cannot hold this engine or that began before the warm-up had finished."""
+            cudart = gpu.cudart
+            if not captured and gpu.last_error is not None:
+                gpu.last_error = None  # TensorRT's own error check consumes it
+                gpu.record("Logger.log", severity="ERROR", msg="a CUDA error from earlier work is pending")
+                return False
+            if captured and self.engine.name in gpu.uncapturable:
+                gpu.capture_invalid.add(stream)
+                gpu.last_error = cudart.cudaError_t.cudaErrorStreamCaptureUnsupported
+                return False
+            return not (captured and stream in gpu.capture_dirty)
+
+        def execute_v2(self, bindings: list[int]) -> bool:
+            """Synchronous, with device addresses in I/O tensor order (present in 10.0 through 11.x)."""
+            gpu.record("IExecutionContext.execute_v2", graph=self.engine.name, bindings=list(bindings))
+            if len(bindings) != len(self.engine.tensors):
+                return False
+            addresses = {t["name"]: int(a) for t, a in zip(self.engine.tensors, bindings)}
+            self.engine.compute(dict(self._shapes), addresses)
             return True
 
     class ICudaEngine:
         def __init__(self, plan: dict[str, Any]) -> None:
             self.name, self.tensors, self.profile = plan["graph"], plan["tensors"], plan["profile"]
+            self.onnx, self._session = plan.get("onnx"), None
             self.inputs = [t for t in self.tensors if t["mode"] == "INPUT"]
             self.outputs = [t for t in self.tensors if t["mode"] == "OUTPUT"]
 
@@ -574,10 +524,23 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
             return IExecutionContext(self)
 
         def compute(self, shapes: dict[str, tuple[int, ...]], addresses: dict[str, int]) -> None:
-            """Row i of every output = first element of row i of the first input."""
+            """Row i of every output = first element of row i of the first input; or, for an engine built
+            from a real ONNX graph, that graph run by ONNX Runtime."""
             arrays = {}
             for t in self.inputs:
                 arrays[t["name"]] = gpu.array(addresses[t["name"]], _NUMPY[t["dtype"]], shapes[t["name"]])
+            if self.onnx is not None:
+                if self._session is None:
+                    import onnxruntime
+
+                    options = onnxruntime.SessionOptions()
+                    options.intra_op_num_threads, options.log_severity_level = 1, 3
+                    self._session = onnxruntime.InferenceSession(self.onnx, options, providers=["CPUExecutionProvider"])
+                names = [t["name"] for t in self.outputs]
+                for name, out in zip(names, self._session.run(names, arrays)):
+                    out = np.ascontiguousarray(out, dtype=_NUMPY[self.tensor(name)["dtype"]])
+                    gpu.write(addresses[name], out.tobytes())
+                return
             first = arrays[self.inputs[0]["name"]]
             batch = first.shape[0]
             marks = first.reshape(batch, -1)[:, 0].astype(np.float64)
@@ -603,183 +566,22 @@ def make_fake_tensorrt(version: str, gpu: FakeGpu | None = None) -> types.Module
             return ICudaEngine(plan)
 
     for cls in (ILogger, Logger, IHostMemory, ITensor, INetworkDefinition, OnnxParser, IOptimizationProfile, ITimingCache,
-                IProgressMonitor, IBuilderConfig, Builder, IExecutionContext, ICudaEngine, Runtime):
+                IBuilderConfig, Builder, IExecutionContext, ICudaEngine, Runtime):
         setattr(trt, cls.__name__, cls)
-    if major == 10:  # deprecated since 10.1 (explicit quantization replaces them); removed in 11.0
-        Builder.platform_has_fast_fp16 = property(lambda self: gpu.deprecated.append("Builder.platform_has_fast_fp16") or True)
-        IBuilderConfig.int8_calibrator = property(lambda self: gpu.deprecated.append("IBuilderConfig.int8_calibrator"),
-                                                  lambda self, v: gpu.deprecated.append("IBuilderConfig.int8_calibrator"))
+    if major >= 10:
+        trt.IProgressMonitor = IProgressMonitor
+    if major < 11:  # removed in 11.0; platform_has_fast_fp16 deprecated in 10.5, the calibrators in 10.1
+        def note(name: str, since: int) -> None:
+            if major == 10 and minor >= since:
+                gpu.deprecated.append(name)
+
+        Builder.platform_has_fast_fp16 = property(lambda self: note("Builder.platform_has_fast_fp16", 5) or True)
+        IBuilderConfig.int8_calibrator = property(lambda self: note("IBuilderConfig.int8_calibrator", 1),
+                                                  lambda self, v: note("IBuilderConfig.int8_calibrator", 1))
         for name in ("IInt8Calibrator", "IInt8EntropyCalibrator2", "IInt8MinMaxCalibrator"):
-            setattr(trt, name, type(name, (), {"__init__": lambda self, _n=name: gpu.deprecated.append(_n)}))
+            setattr(trt, name, type(name, (), {"__init__": lambda self, _n=name: note(_n, 1)}))
     gpu.trt = trt
     return trt
-
-
-def make_fake_cudart(gpu: FakeGpu | None = None) -> types.ModuleType:
-    """A ``cuda.bindings.runtime`` module: every call returns ``(cudaError_t, *values)`` like the real bindings."""
-    gpu = gpu or FakeGpu()
-    rt = types.ModuleType("cuda.bindings.runtime")
-    err = _Enum(gpu, "cudaError_t", {"cudaSuccess": 0, "cudaErrorInvalidValue": 1, "cudaErrorMemoryAllocation": 2,
-                                     "cudaErrorNoDevice": 100, "cudaErrorInvalidDevice": 101,
-                                     "cudaErrorInvalidResourceHandle": 400, "cudaErrorStreamCaptureUnsupported": 900})
-    kind = _Enum(gpu, "cudaMemcpyKind", {"cudaMemcpyHostToHost": 0, "cudaMemcpyHostToDevice": 1,
-                                         "cudaMemcpyDeviceToHost": 2, "cudaMemcpyDeviceToDevice": 3, "cudaMemcpyDefault": 4})
-    rt.cudaError_t, rt.cudaMemcpyKind = err, kind
-    rt.cudaStreamCaptureMode = _Enum(gpu, "cudaStreamCaptureMode", {"cudaStreamCaptureModeGlobal": 0,
-                                                                    "cudaStreamCaptureModeThreadLocal": 1,
-                                                                    "cudaStreamCaptureModeRelaxed": 2})
-    rt.cudaHostAllocDefault, rt.cudaHostAllocMapped = 0, 2
-    ok = err.cudaSuccess
-    for name in ("cudaStream_t", "cudaEvent_t", "cudaGraph_t", "cudaGraphExec_t"):
-        setattr(rt, name, type(name, (_Handle,), {}))
-    counter = iter(range(1, 1 << 30))
-    graphs: dict[int, list[Callable[[], None]]] = {}
-
-    class cudaDeviceProp:  # noqa: N801 - the real name
-        def __init__(self) -> None:
-            self.name = gpu.gpu_name.encode() + b"\x00" * 4
-            self.major, self.minor = gpu.compute_capability
-            self.totalGlobalMem = 141 << 30
-
-    def fn(f: Callable[..., tuple]) -> Callable[..., tuple]:
-        def call(*args: Any) -> tuple:
-            gpu.record(f.__name__, args=args)
-            return f(*args)
-        call.__name__ = f.__name__
-        setattr(rt, f.__name__, call)
-        return call
-
-    @fn
-    def cudaGetDeviceCount() -> tuple:  # noqa: N802
-        return (ok, gpu.devices) if gpu.devices else (err.cudaErrorNoDevice, 0)
-
-    @fn
-    def cudaGetDevice() -> tuple:  # noqa: N802
-        return ok, gpu.current_device
-
-    @fn
-    def cudaSetDevice(device: int) -> tuple:  # noqa: N802
-        if not 0 <= device < gpu.devices:
-            return (err.cudaErrorInvalidDevice,)
-        gpu.current_device = device
-        return (ok,)
-
-    @fn
-    def cudaGetDeviceProperties(device: int) -> tuple:  # noqa: N802
-        return (ok, cudaDeviceProp()) if 0 <= device < gpu.devices else (err.cudaErrorInvalidDevice, None)
-
-    @fn
-    def cudaDriverGetVersion() -> tuple:  # noqa: N802
-        return ok, gpu.driver_version
-
-    @fn
-    def cudaRuntimeGetVersion() -> tuple:  # noqa: N802
-        return ok, gpu.runtime_version
-
-    @fn
-    def cudaGetErrorString(error: _Member) -> tuple:  # noqa: N802
-        return ok, error.name.encode()
-
-    @fn
-    def cudaMalloc(size: int) -> tuple:  # noqa: N802
-        return ok, gpu.malloc(size)
-
-    @fn
-    def cudaFree(devPtr: int) -> tuple:  # noqa: N802, N803
-        return (ok,) if gpu.device.pop(int(devPtr), None) is not None else (err.cudaErrorInvalidValue,)
-
-    def _host(size: int) -> tuple:
-        buf = ctypes.create_string_buffer(size)
-        gpu.pinned[ctypes.addressof(buf)] = buf
-        return ok, ctypes.addressof(buf)
-
-    @fn
-    def cudaMallocHost(size: int) -> tuple:  # noqa: N802
-        return _host(size)
-
-    @fn
-    def cudaHostAlloc(size: int, flags: int) -> tuple:  # noqa: N802
-        return _host(size)
-
-    @fn
-    def cudaFreeHost(ptr: int) -> tuple:  # noqa: N802
-        return (ok,) if gpu.pinned.pop(int(ptr), None) is not None else (err.cudaErrorInvalidValue,)
-
-    @fn
-    def cudaMemcpyAsync(dst: int, src: int, count: int, kind_: _Member, stream: Any) -> tuple:  # noqa: N802
-        dst, src, handle = int(dst), int(src), int(stream)
-        expect = {"cudaMemcpyHostToDevice": (True, False), "cudaMemcpyDeviceToHost": (False, True),
-                  "cudaMemcpyDeviceToDevice": (True, True)}.get(kind_.name)
-        if expect is None or expect != (dst >= _DEVICE_BASE, src >= _DEVICE_BASE):
-            return (err.cudaErrorInvalidValue,)
-        op = lambda: gpu.write(dst, gpu.read(src, count))  # noqa: E731
-        gpu.capturing[handle].append(op) if handle in gpu.capturing else op()
-        return (ok,)
-
-    @fn
-    def cudaStreamCreate() -> tuple:  # noqa: N802
-        return ok, rt.cudaStream_t(next(counter))
-
-    @fn
-    def cudaStreamDestroy(stream: Any) -> tuple:  # noqa: N802
-        return (ok,)
-
-    @fn
-    def cudaStreamSynchronize(stream: Any) -> tuple:  # noqa: N802
-        return (ok,)  # every operation already ran when it was issued
-
-    @fn
-    def cudaEventCreate() -> tuple:  # noqa: N802
-        return ok, rt.cudaEvent_t(next(counter))
-
-    @fn
-    def cudaEventRecord(event: Any, stream: Any = 0) -> tuple:  # noqa: N802
-        return (ok,)
-
-    @fn
-    def cudaEventSynchronize(event: Any) -> tuple:  # noqa: N802
-        return (ok,)
-
-    @fn
-    def cudaEventDestroy(event: Any) -> tuple:  # noqa: N802
-        return (ok,)
-
-    @fn
-    def cudaStreamBeginCapture(stream: Any, mode: _Member) -> tuple:  # noqa: N802
-        if int(stream) == 0:  # the legacy default stream cannot be captured
-            return (err.cudaErrorStreamCaptureUnsupported,)
-        gpu.capturing[int(stream)] = []
-        return (ok,)
-
-    @fn
-    def cudaStreamEndCapture(stream: Any) -> tuple:  # noqa: N802
-        graph = rt.cudaGraph_t(next(counter))
-        graphs[int(graph)] = gpu.capturing.pop(int(stream))
-        return ok, graph
-
-    @fn
-    def cudaGraphInstantiate(graph: Any, flags: int) -> tuple:  # noqa: N802 - cuda-bindings 12.x: (graph, flags)
-        graph_exec = rt.cudaGraphExec_t(next(counter))
-        graphs[int(graph_exec)] = list(graphs[int(graph)])
-        return ok, graph_exec
-
-    @fn
-    def cudaGraphLaunch(graphExec: Any, stream: Any) -> tuple:  # noqa: N802, N803
-        for op in graphs[int(graphExec)]:
-            op()
-        return (ok,)
-
-    @fn
-    def cudaGraphDestroy(graph: Any) -> tuple:  # noqa: N802
-        return (ok,) if graphs.pop(int(graph), None) is not None else (err.cudaErrorInvalidResourceHandle,)
-
-    @fn
-    def cudaGraphExecDestroy(graphExec: Any) -> tuple:  # noqa: N802, N803
-        return (ok,) if graphs.pop(int(graphExec), None) is not None else (err.cudaErrorInvalidResourceHandle,)
-
-    rt.cudaDeviceProp = cudaDeviceProp
-    gpu.cudart = rt
-    return rt
 
 
 @contextlib.contextmanager
@@ -800,15 +602,16 @@ _ABSENT = object()
 
 
 @contextlib.contextmanager
-def installed_fakes(version: str = "10.3.0", gpu: FakeGpu | None = None, **gpu_options: Any) -> Iterator[FakeGpu]:
-    """Put fake ``tensorrt`` and ``cuda.bindings.runtime`` into sys.modules for the block."""
+def installed_fakes(version: str = "10.3.0", gpu: FakeGpu | None = None, cuda: str = "12.9.0",
+                    **gpu_options: Any) -> Iterator[FakeGpu]:
+    """Put a fake ``tensorrt`` of ``version`` and fake ``cuda.bindings`` of version ``cuda`` (cuda-python
+    12.6.2.post1, cuda-bindings 12.9.x or 13.x; see ``fake_cudart``) into sys.modules for the block."""
     gpu = gpu or FakeGpu(**gpu_options)
-    trt, rt = make_fake_tensorrt(version, gpu), make_fake_cudart(gpu)
-    bindings = types.ModuleType("cuda.bindings")
-    bindings.runtime, bindings.__path__ = rt, []
-    cuda = types.ModuleType("cuda")
-    cuda.bindings, cuda.__path__ = bindings, []
-    with _modules({"tensorrt": trt, "cuda": cuda, "cuda.bindings": bindings, "cuda.bindings.runtime": rt}):
+    trt, rt = make_fake_tensorrt(version, gpu), make_fake_cudart(gpu, cuda)
+    bindings, modules = bindings_module(rt, cuda)
+    package = types.ModuleType("cuda")
+    package.bindings, package.__path__ = bindings, []
+    with _modules({name: modules.get(name) for name in MODULE_NAMES[1:]} | {"tensorrt": trt, "cuda": package}):
         yield gpu
 
 

@@ -19,7 +19,7 @@ from freedeploy.generative.model import blip2_tiny_config
 from freedeploy.generative.train import (TokenExitObjective, evaluate_generative, is_generative, load_generative_run,
                                          stage2_pool, train_generative)
 from freedeploy.settings import TrainConfig
-from runtimes.errors import ConfigError, DataError
+from runtimes.errors import CalibrationError, ConfigError, DataError
 from runtimes.preprocess import ImageSpec
 
 SMALL = (("num_hidden_layers", 4), ("ffn_dim", 256))  # a 4-layer decoder: the preset, slimmer
@@ -240,7 +240,8 @@ def test_export_writes_a_validated_generative_bundle_that_decodes_without_torch(
         b = load_bundle({str(bundle)!r})
         be = OrtBackend(b, "fp32")
         px = np.load({str(tmp_path / "px.npy")!r})
-        outs = [greedy_decode(be, b, px, [1], 8, thresholds=t) for t in ([None, None], [0.0, None], [0.0, 0.0])]
+        outs = [greedy_decode(be, b, px, [1], 8, thresholds=t, kv="propagate")  # the reference's rule
+                for t in ([None, None], [0.0, None], [0.0, 0.0])]
         from runtimes import Runtime
         rt = Runtime.load({str(bundle)!r})
         image = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
@@ -263,11 +264,43 @@ def test_export_writes_a_validated_generative_bundle_that_decodes_without_torch(
                            "--prompt", "is it even ?", "--mode", "speculative", "--json"])
     rows = json.loads(out)
     assert code == 10 and rows[0]["mode"] == "speculative" and rows[0]["text"] and "error" in rows[1]
+    assert len(rows[0]["words"]) == len(rows[0]["tokens"]) == len(rows[0]["blocks"]) == len(rows[0]["confidences"])
     code, _, err = _cli(["run", str(bundle), str(tmp_path / "digit.png"), "--question", "why ?"])
     assert code == 2 and "--prompt" in err
-    for args in (["calibrate", str(bundle)], ["eval", str(bundle)], ["bench", str(bundle), "--runs", "10"]):
-        code, _, err = _cli(args)  # classifier commands: one clear line, not a traceback about labels
-        assert code == 2 and "generates text" in err and len(err.strip().splitlines()) == 1, (args, err)
+    # calibrate, eval and bench decode: certificate, three modes' quality, tokens per second
+    code, out, err = _cli(["calibrate", str(bundle), "--max-disagreement", "0.5", "--rows", "30", "--json"])
+    assert code == 0, err
+    cert = json.loads(out)
+    assert cert["level"] == "sequence" and cert["n"] == 30 and len(cert["thresholds"]) == 2
+    assert cert["exit_selection"]["n_selection"] + cert["exit_selection"]["n_certification"] == 30
+    assert cert["speculative"]["draft_block"] in (1, 2) and cert["speculative"]["draft_len"] >= 1
+    assert json.loads((bundle / "bundle.json").read_text())["calibration"]["onnxruntime-fp32"]["level"] == "sequence"
+    code, out, err = _cli(["eval", str(bundle), "--json"])
+    assert code == 0, err
+    m = json.loads(out)
+    assert m["full"]["sequence_agreement"] == m["speculative"]["sequence_agreement"] == 1.0
+    assert 0.0 <= m["exit"]["sequence_agreement"] <= 1.0 and "exact_match" in m["exit"] and m["certificate"]
+    code, out, err = _cli(["bench", str(bundle), "--runs", "10", "--json"])
+    assert code == 0, err
+    r = json.loads(out)
+    v = r["variants"]
+    assert v["monolithic"]["identical_to_monolithic"] == 10 and v["chain, exits off"]["identical_to_monolithic"] == 10
+    spec = next(k for k in v if k.startswith("speculative"))
+    assert v[spec]["identical_to_monolithic"] == 10 and v["monolithic"]["calls_per_token"] == 1.0
+    assert all(x["decode_tokens_per_s"] > 0 and x["measured_over_predicted"] > 0 for x in v.values())
+    assert m["draft"]["block"] == cert["speculative"]["draft_block"]  # the measured default, from the certificate
+    code, out, err = _cli(["bench", str(bundle), "--runs", "10", "--plot", str(tmp_path / "plots")])
+    assert code == 0 and "decode tok/s" in out and "measured/predicted" in out, err
+    assert {p.name for p in (tmp_path / "plots").iterdir()} == {"speedup_agreement.png", "exit_histogram.png"}
+    for args, says in ((["calibrate", str(bundle), "--labels"], "classifiers"),
+                       (["calibrate", str(bundle), "--rows", "0"], "--rows"),
+                       (["calibrate", str(bundle), "--level", "word"], "--level"),
+                       (["eval", str(bundle), "--data", "digits"], "image-to-text")):
+        code, _, err = _cli(args)  # one clear line, not a traceback
+        assert code in (2, DataError.exit_code) and says in err and len(err.strip().splitlines()) == 1, (args, err)
+    code, _, err = _cli(["calibrate", str(bundle), "--rows", "3"])  # too few rows: said before decoding them all
+    assert code == CalibrationError.exit_code and "even if none disagreed" in err.splitlines()[-1]
+    assert "measuring" not in err and len(err.strip().splitlines()) == 2  # the rows' note, then the error
     code, _, err = _cli(["build", str(bundle), "--target", "trt-fp16"])
     assert code == 2 and "fp32" in err
     code, _, err = _cli(["export", str(run_dir), "--out", str(tmp_path / "c"), "--target", "trt-int8"])

@@ -1,4 +1,6 @@
-"""``runtimes.backends.tensorrt`` against the TensorRT 10.3 and 11.0 API surfaces (fakes, CPU only).
+"""``runtimes.backends.tensorrt`` against the TensorRT 10.3 and 11.0 API surfaces (fakes, CPU only), each
+with the CUDA bindings it is deployed with: cuda-python 12.6.2.post1 beside 10.3 (JetPack 6), cuda-bindings
+13 beside 11.0 on a CUDA 13 driver. The stricter behaviours are tested in ``test_tensorrt_strict.py``.
 
 The fake engine writes, into row i of every output, the first value of row i of its first input,
 so a row's "mark" can be followed through chaining, compaction and fetches in fake device memory.
@@ -28,9 +30,13 @@ ROOT = Path(__file__).parents[2]
 MARKS = [1.0, 5.0, 2.0, 7.0]
 
 
-@pytest.fixture(params=["10.3.0", "11.0.0"])
+FLAVOURS = {"10.3.0": dict(cuda="12.6.2.post1", driver_version=12060),
+            "11.0.0": dict(cuda="13.0.3", driver_version=13000)}
+
+
+@pytest.fixture(params=sorted(FLAVOURS))
 def gpu(request: pytest.FixtureRequest) -> FakeGpu:
-    with installed_fakes(request.param) as fake:
+    with installed_fakes(request.param, **FLAVOURS[request.param]) as fake:
         yield fake
 
 
@@ -281,19 +287,23 @@ def test_describe_and_registry(backend: TensorRTBackend) -> None:
     assert get_backend("tensorrt") is TensorRTBackend
 
 
-def test_removed_runtime_apis_are_absent_from_the_fakes(gpu: FakeGpu, backend: TensorRTBackend) -> None:
+def test_the_fakes_have_the_real_runtime_api_and_the_backend_uses_only_the_current_part(
+        gpu: FakeGpu, backend: TensorRTBackend, bundle: Bundle) -> None:
+    record_chain(backend, bundle, _pixels(MARKS))
     ctx = next(iter(backend._contexts.values()))
     engine = next(iter(backend._engines.values()))
-    for gone in ("execute_v2", "execute_async_v2", "set_binding_shape", "get_binding_shape"):
+    assert hasattr(ctx, "execute_v2")  # still in 10.0-11.x (pyCore.cpp at v10.3.0, v11.0, v11.1); synchronous
+    for gone in ("execute_async_v2", "set_binding_shape", "get_binding_shape"):  # removed in 10.0
         assert not hasattr(ctx, gone)
     for gone in ("num_bindings", "get_binding_index", "get_binding_name", "max_batch_size"):
         assert not hasattr(engine, gone)
-    assert gpu.deprecated == []
+    assert gpu.named("IExecutionContext.execute_v2") == []
+    assert gpu.deprecated == []  # including int(cudaStream_t), deprecated in cuda-bindings 13
 
 
 def test_missing_packages_give_install_guidance(bundle: Bundle) -> None:
     with blocked_modules("tensorrt"):
-        with pytest.raises(BackendUnavailableError, match="pip install tensorrt cuda-bindings"):
+        with pytest.raises(BackendUnavailableError, match=r"pip install tensorrt-cu12 'cuda-bindings>=12.8,<13'"):
             TensorRTBackend(bundle, "fp16")
     with blocked_modules("cuda", "cuda.bindings", "cuda.bindings.runtime"):
         with pytest.raises(BackendUnavailableError, match="cuda-bindings is not importable"):
