@@ -99,12 +99,15 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
 @click.option("--monitor", "monitor_rate", type=float,
               help="Classifier bundles: check this share of inputs (0 < RATE <= 1) against the final head and warn "
                    "when early exit disagrees with it beyond the certified tolerance.")
+@click.option("--monitor-fallback", is_flag=True,
+              help="With --monitor: on an alarm, switch early exit off (every input to the final head) until the "
+                   "disagreement's upper bound is back under the tolerance.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON list on stdout, a row per input: its result, or its error (see above).")
 def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | None, precision: str | None,
         thresholds: list[float | None] | None, policy: str, max_frames: int | None, question: str | None,
         prompt: str | None, mode: str, max_new_tokens: int | None, deadline_ms: float | None,
-        monitor_rate: float | None, as_json: bool) -> None:
+        monitor_rate: float | None, monitor_fallback: bool, as_json: bool) -> None:
     """Run a bundle on images (files, folders), a video file, a camera index, or texts ('-': stdin lines).
     A vision-language bundle answers --question about each image; a generative bundle writes text
     for each image (after --prompt, if given) and prints it with the mean block its tokens left at.
@@ -129,7 +132,13 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
 
     if deadline_ms is not None:
         check_deadline(deadline_ms)  # before anything loads
-    watched = {} if monitor_rate is None else {"monitor": monitor_rate}
+    if monitor_fallback and monitor_rate is None:
+        raise click.UsageError("--monitor-fallback applies with --monitor RATE")
+    watched = {}
+    if monitor_rate is not None:
+        from runtimes.monitor import Monitor
+
+        watched["monitor"] = Monitor(monitor_rate, fallback=True) if monitor_fallback else monitor_rate
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, policy=policy, **watched)
     if thresholds is not None:
         rt.thresholds = thresholds

@@ -193,3 +193,8 @@ def test_run_command_takes_a_deadline_and_a_monitor(tmp_path: Path) -> None:
         bad = CliRunner().invoke(cli, ["run", str(V1_DIGITS), str(tmp_path), flag, value])
         assert bad.exit_code == ConfigError.exit_code and words in bad.stderr
         assert len(bad.stderr.strip().splitlines()) == 1
+    res = CliRunner().invoke(cli, ["run", str(V1_DIGITS), str(tmp_path), "--monitor", "1", "--monitor-fallback",
+                                   "--json"])
+    assert res.exit_code == 0 and len(json.loads(res.stdout)) == 4, res.output
+    bad = CliRunner().invoke(cli, ["run", str(V1_DIGITS), str(tmp_path), "--monitor-fallback"])
+    assert bad.exit_code == 2 and "--monitor RATE" in bad.stderr
