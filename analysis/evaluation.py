@@ -78,10 +78,10 @@ def evaluate(rt: Runtime, inputs: dict[str, np.ndarray], labels: np.ndarray) -> 
         "exit_histogram": exit_histogram(taken, blocks),
         "per_exit": per_exit["exits"], "overthinking_rate": per_exit["overthinking_rate"],
         "analytic_speedup": analytic_speedup(rt.bundle, taken, thresholds),
-        "certificate": _certificate(rt),
+        "certificate": certificate_dict(rt),
     }
 
 
-def _certificate(rt: Runtime) -> dict[str, Any] | None:
-    cert = (rt.bundle.calibration or {}).get(rt.calibration_key)
+def certificate_dict(rt: Runtime) -> dict[str, Any] | None:
+    cert = rt.certificate
     return None if cert is None else cert.to_dict()

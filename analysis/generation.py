@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from analysis.data import load_dataset
-from analysis.evaluation import split_of
+from analysis.evaluation import certificate_dict, split_of
 from runtimes.decoding import (Decoded, Prefilled, full_decode, graph_key, greedy_decode, prefill,
                                speculative_decode)
 from runtimes.errors import ConfigError, DataError
@@ -40,6 +40,12 @@ class GenRows:
 
     def __len__(self) -> int:
         return len(self.prompts)
+
+    def subset(self, idx: Sequence[int]) -> "GenRows":
+        """These rows at positions ``idx``."""
+        return GenRows(self.spec, self.split, self.index[list(idx)], [self.images[i] for i in idx],
+                       [self.prompts[i] for i in idx], None if self.refs is None else [self.refs[i] for i in idx],
+                       self.max_new)
 
 
 def generation_rows(rt: Any, spec: str | None, split: str, limit: int | None = None, seed: int = 0) -> GenRows:
@@ -185,15 +191,9 @@ def _mode_fn(rt: Any, mode: str, thresholds: Sequence[float | None] | None, draf
 
 
 def decode_rows(rt: Any, rows: GenRows, mode: str = "exit", thresholds: Sequence[float | None] | None = None,
-                draft: tuple[int, int] | None = None, prefilled: Sequence[Prefilled] | None = None,
-                progress: Callable[[], None] | None = None) -> list[Decoded]:
+                draft: tuple[int, int] | None = None, prefilled: Sequence[Prefilled] | None = None) -> list[Decoded]:
     fn = _mode_fn(rt, mode, thresholds, draft, rows.max_new)
-    out = []
-    for i in range(len(rows)):
-        out.append(fn(rows.images[i], rows.prompts[i], None if prefilled is None else prefilled[i]))
-        if progress is not None:
-            progress()
-    return out
+    return [fn(rows.images[i], rows.prompts[i], None if prefilled is None else prefilled[i]) for i in range(len(rows))]
 
 
 def prefill_rows(rt: Any, rows: GenRows) -> list[Prefilled]:
@@ -233,14 +233,8 @@ def quality(outs: Sequence[Decoded], full: Sequence[Decoded], refs: Sequence[Seq
     return m
 
 
-def _certificate(rt: Any) -> dict[str, Any] | None:
-    cert = (rt.bundle.calibration or {}).get(rt.calibration_key)
-    return None if cert is None else cert.to_dict()
-
-
 def evaluate_generation(rt: Any, rows: GenRows, thresholds: Sequence[float | None] | None = None,
-                        draft: tuple[int, int] | None = None,
-                        progress: Callable[[], None] | None = None) -> dict[str, Any]:
+                        draft: tuple[int, int] | None = None) -> dict[str, Any]:
     """Quality of the three modes on ``rows``: the full model, early exit at ``thresholds`` (the
     bundle's by default) and self-speculation (its recorded draft exit and length by default)."""
     b = rt.bundle
@@ -248,15 +242,15 @@ def evaluate_generation(rt: Any, rows: GenRows, thresholds: Sequence[float | Non
     th = list(rt.thresholds if thresholds is None else thresholds)
     draft = tuple(draft or rt.speculative_defaults())
     pre = prefill_rows(rt, rows)
-    full = decode_rows(rt, rows, "full", prefilled=pre, progress=progress)
-    early = decode_rows(rt, rows, "exit", th, prefilled=pre, progress=progress)
-    spec = decode_rows(rt, rows, "speculative", draft=draft, prefilled=pre, progress=progress)
+    full = decode_rows(rt, rows, "full", prefilled=pre)
+    early = decode_rows(rt, rows, "exit", th, prefilled=pre)
+    spec = decode_rows(rt, rows, "speculative", draft=draft, prefilled=pre)
     return {"n": len(rows), "data": {"spec": rows.spec, "split": rows.split}, "thresholds": th,
             "draft": {"exit": int(draft[0]), "block": int(blocks[draft[0]]), "length": int(draft[1])},
             "full": quality(full, full, rows.refs, blocks, b.num_blocks),
             "exit": quality(early, full, rows.refs, blocks, b.num_blocks),
             "speculative": quality(spec, full, rows.refs, blocks, b.num_blocks),
-            "certificate": _certificate(rt), "key": rt.calibration_key}
+            "certificate": certificate_dict(rt), "key": rt.calibration_key}
 
 
 def _stats(values: Sequence[float]) -> dict[str, float]:
@@ -266,8 +260,7 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def bench_generation(rt: Any, rows: GenRows, thresholds: Sequence[float | None] | None = None,
-                     draft: tuple[int, int] | None = None, repeats: int = 1, seed: int = 0,
-                     progress: Callable[[], None] | None = None) -> dict[str, Any]:
+                     draft: tuple[int, int] | None = None, repeats: int = 1, seed: int = 0) -> dict[str, Any]:
     """Batch-1 decoding, every variant on every row, interleaved in a seeded random order per row, in
     one process on the same cache and bound buffers: tokens per second (decode phase and end to end),
     milliseconds per sequence, prefill separately, calls and layers per token, analytic and
@@ -299,8 +292,6 @@ def bench_generation(rt: Any, rows: GenRows, thresholds: Sequence[float | None] 
             rng.shuffle(order)
             for name in order:
                 runs[name].append(variants[name](rows.images[i], rows.prompts[i], None))
-            if progress is not None:
-                progress()
     base = runs["monolithic"]
     full_macs = macs.get(b.full.key, 0.0)
     layer_macs = _layer_macs(rt, macs)
@@ -339,7 +330,7 @@ def bench_generation(rt: Any, rows: GenRows, thresholds: Sequence[float | None] 
         v["speedup"] = v["tokens_per_s"] / base_e2e if base_e2e else None
         v["analytic_speedup"] = 1.0 / v["analytic_cost"] if v["analytic_cost"] else None
         report["variants"][name] = v
-    report["certificate"] = _certificate(rt)
+    report["certificate"] = certificate_dict(rt)
     report["backend"] = rt.backend.describe()
     return report
 
@@ -371,8 +362,7 @@ def plot_generation(rt: Any, rows: GenRows, out_dir: Any, limit: int = 100) -> l
     out_dir.mkdir(parents=True, exist_ok=True)
     b = rt.bundle
     blocks = [e.block for e in b.exits]
-    sub = GenRows(rows.spec, rows.split, rows.index[:limit], rows.images[:limit], rows.prompts[:limit],
-                  None if rows.refs is None else rows.refs[:limit], rows.max_new)
+    sub = rows.subset(range(min(limit, len(rows))))
     ms = graph_times(rt)
     pre = prefill_rows(rt, sub)
     full = decode_rows(rt, sub, "full", prefilled=pre)

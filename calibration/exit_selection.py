@@ -46,7 +46,8 @@ from calibration.ltt import certifiable_tolerance, max_certifiable_rate
 from calibration.thresholds import Selection, candidates, certify, check_inputs, check_paths
 from runtimes.errors import CalibrationError, ConfigError
 
-__all__ = ["MAX_SELECTABLE_EXITS", "RULE", "ExitSelection", "exit_subsets", "split_calibration", "select_and_certify"]
+__all__ = ["MAX_SELECTABLE_EXITS", "RULE", "ExitSelection", "exit_subsets", "split_calibration", "selection_target",
+           "select_and_certify"]
 
 MAX_SELECTABLE_EXITS = 6  # 2^6 - 1 = 63 subsets per path, each a 64-point grid: about a second
 RULE = ("lowest expected cost on the selection split among (exit subset, path) sequences, over the grid "
@@ -78,6 +79,13 @@ def exit_subsets(num_exits: int) -> list[tuple[int, ...]]:
     return [s for size in range(num_exits, 0, -1) for s in itertools.combinations(range(num_exits), size)]
 
 
+def selection_target(n_sel: int, n_cert: int, delta: float, epsilon: float, method: str = "binomial") -> float:
+    """The selection-split risk a chosen point may have (see the module's note on the target): the
+    certifiable rate on the certification split less one standard error of the two splits' difference."""
+    r_max = max_certifiable_rate(n_cert, delta, epsilon, method)
+    return max(0.0, r_max - math.sqrt(max(r_max, 0.0) * (1.0 - r_max) * (1.0 / n_sel + 1.0 / n_cert)))
+
+
 def split_calibration(n: int, selection_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Disjoint sorted (selection, certification) row indices covering ``range(n)``, from a seeded
     random permutation: they depend on n, the fraction and the seed, never on the data."""
@@ -103,9 +111,8 @@ def select_and_certify(conf: np.ndarray, pred: np.ndarray, delta: float, epsilon
     subsets = exit_subsets(conf.shape[1] - 1)
     sel_rows, cert_rows = split_calibration(len(conf), selection_fraction, seed)
     n_sel, n_cert = len(sel_rows), len(cert_rows)
-    r_max = max_certifiable_rate(n_cert, delta, epsilon)
-    certifiable = r_max >= 0.0  # False: even zero losses on the certification split certify nothing
-    target = max(0.0, r_max - math.sqrt(max(r_max, 0.0) * (1.0 - r_max) * (1.0 / n_sel + 1.0 / n_cert)))
+    certifiable = max_certifiable_rate(n_cert, delta, epsilon) >= 0.0  # False: zero losses certify nothing
+    target = selection_target(n_sel, n_cert, delta, epsilon)
     sel_labels = None if labels is None else labels[sel_rows]
     best: tuple[float, float, float] | None = None
     exits, path = subsets[0], paths[0]  # nothing looks certifiable: certify all exits, and say what failed

@@ -30,14 +30,13 @@ chosen purely by speed: the pair with the lowest predicted time per token on the
 from __future__ import annotations
 
 import datetime as _dt
-import math
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from analysis.generation import (GenRows, decode_rows, graph_times, predicted_seconds, prefill_rows,
                                  token_mismatch)
-from calibration.exit_selection import exit_subsets, split_calibration
+from calibration.exit_selection import exit_subsets, selection_target, split_calibration
 from calibration.ltt import certifiable_tolerance, learn_then_test, max_certifiable_rate
 from runtimes.bundle import by_exit
 from runtimes.decoding import Decoded, Prefilled, greedy_decode
@@ -85,11 +84,6 @@ def _cost(decoded: Sequence[Decoded], ms: dict[str, float]) -> float:
     """Predicted decode milliseconds per generated token (the first token, from prefill, excluded)."""
     new = sum(len(o.tokens) - 1 for o in decoded)
     return 1e3 * sum(predicted_seconds(o, ms) for o in decoded) / max(1, new)
-
-
-def _target(n_sel: int, n_cert: int, delta: float, epsilon: float, method: str) -> float:
-    r_max = max_certifiable_rate(n_cert, delta, epsilon, method)
-    return max(0.0, r_max - math.sqrt(r_max * (1 - r_max) * (1 / n_sel + 1 / n_cert)))
 
 
 def choose_speculative(rt: Any, rows: GenRows, prefilled: Sequence[Prefilled], ms: dict[str, float],
@@ -151,15 +145,12 @@ def certify_generation(rt: Any, rows: GenRows, delta: float, epsilon: float, lev
     full = decode_rows(rt, rows, "full", prefilled=pre)
 
     def part(idx: np.ndarray) -> tuple[GenRows, list[Prefilled], list[Decoded]]:
-        sub = GenRows(rows.spec, rows.split, rows.index[idx], [rows.images[i] for i in idx],
-                      [rows.prompts[i] for i in idx], None if rows.refs is None else [rows.refs[i] for i in idx],
-                      rows.max_new)
-        return sub, [pre[i] for i in idx], [full[i] for i in idx]
+        return rows.subset(idx), [pre[i] for i in idx], [full[i] for i in idx]
 
     chosen, target = subsets[0], None
     if len(subsets) > 1:
         s_rows, s_pre, s_full = part(sel)
-        target = _target(len(sel), len(cert_rows), delta, epsilon, method)
+        target = selection_target(len(sel), len(cert_rows), delta, epsilon, method)
         best: tuple[float, int, tuple[int, ...]] | None = None
         for on in subsets:
             say(f"selection split ({len(sel)} rows): decoding exits at blocks {[blocks[e] for e in on]} over "

@@ -41,6 +41,12 @@ def check_bundle(b: "Bundle", where: str, error: _Error = BundleError) -> None:
                 raise error(f"{w}: calibration.{key} holds a certificate for {cert.key!r}")
             if len(cert.thresholds) != len(b.exits):
                 raise error(f"{w}: calibration.{key} has {len(cert.thresholds)} thresholds for {len(b.exits)} exits")
+            if cert.speculative is not None:
+                block = cert.speculative.draft_block
+                if block not in [e.block for e in b.exits]:
+                    raise error(f"{w}: calibration.{key}.speculative drafts from block {block}, which has no exit")
+                if b.decoder is None:
+                    raise error(f"{w}: calibration.{key}.speculative applies to generative bundles only")
 
 
 def _check_chain(b: "Bundle", w: str, error: _Error) -> None:

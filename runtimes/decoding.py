@@ -105,20 +105,17 @@ class DecodePlan:
         if not all(isinstance(x, int) for x in self.image_shape):
             raise ConfigError(f"bundle {bundle.name!r}: the image input needs fixed sizes, "
                               f"has {d.encode.inputs[0].shape}")
-        self.prefix = _one(d.encode.outputs, "prefix", "encode")
         self.prompt_ids = _one(d.prefill.inputs, "token_ids", "prefill")
         self.prompt_mask = _one(d.prefill.inputs, "sequence_mask", "prefill")
         first = bundle.stages[0].segment
         self.token_ids = _one(first.inputs, "token_ids", first.key)
         self.positions = _one(first.inputs, "positions", first.key)
         self.past_mask = _one(first.inputs, "sequence_mask", first.key)
-        self.exit_hidden = {k: _one(g.inputs, "hidden", g.key) for k, g in self.fills.items()}
         self.hidden_out = {s.index: s.segment.output("hidden").name for s in bundle.stages if s.exit is not None}
         self.eos, self.max_positions, self.num_layers = d.eos_id, d.max_positions, d.num_layers
-        # per graph, once: the (layer, keys, values) names it reads and writes, and the names to fetch
+        # per graph, once: the (layer, keys, values) names it reads and writes
         self.past = {g.key: self.kv(g.inputs, past=True) for g in bundle.graphs}
         self.new = {g.key: self.kv(g.outputs, past=False) for g in bundle.graphs}
-        self.new_names = {key: [n for _, k, v in kvs for n in (k, v)] for key, kvs in self.new.items()}
         widths = {t.shape[-1] for g in bundle.graphs for t in g.outputs if t.role == "new_keys"}
         if len(widths) != 1 or not all(isinstance(w, int) for w in widths):
             raise ConfigError(f"bundle {bundle.name!r}: the keys and values need one fixed width, found {sorted(map(str, widths))}")
@@ -196,7 +193,6 @@ class _Session:
         # every stage is complete and all agree; with recomputation a stage's rows wait for a deep token
         stages = len(plan.stages)
         self.masks = self._alloc((stages, 1, cap), np.int64)
-        self.mask = self.masks[0]  # the first stage's, and the monolithic step's
         self.hidden = self._alloc((max(1, stages - 1), cap, width), np.float32)  # recomputation: stage outputs by row
         # encode and prefill: the image, the prefix, the prompt (up to every position the image leaves)
         room = cap - d.num_query_tokens

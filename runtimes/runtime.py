@@ -49,7 +49,7 @@ class Runtime:
         if nonfinite not in ("error", "flag"):
             raise ConfigError(f"nonfinite must be 'error' or 'flag', got {nonfinite!r}")
         self.bundle, self.backend, self.policy, self.nonfinite = bundle, backend, policy, nonfinite
-        own = (bundle.calibration or {}).get(self.calibration_key)
+        own = self.certificate
         if bundle.calibration and own is None:
             log.warning("bundle %s was calibrated for %s, not for %s: its default thresholds may not hold here; "
                         "run freedeploy calibrate with this backend", bundle.name, ", ".join(bundle.calibration),
@@ -105,6 +105,11 @@ class Runtime:
         """Which calibration applies here: confidences move with backend, precision and engine set."""
         d = self.backend.describe()
         return "-".join(str(x) for x in (d["backend"], d["precision"], d.get("engine_key")) if x)
+
+    @property
+    def certificate(self) -> Certificate | None:
+        """The bundle's certificate for this backend and precision, if it was calibrated here."""
+        return (self.bundle.calibration or {}).get(self.calibration_key)
 
     def _bind_monitor(self, monitor: Monitor | float | None, own: Certificate | None) -> Monitor | None:
         """The monitor, given or made from a rate, bound to the certificate's tolerance."""
@@ -373,8 +378,7 @@ class Runtime:
     def speculative_defaults(self) -> tuple[int, int]:
         """Self-speculation's draft exit (index) and draft length: those ``freedeploy calibrate``
         measured best for this backend and precision, else exit 0 and 4 drafts."""
-        cert = (self.bundle.calibration or {}).get(self.calibration_key)
-        choice = getattr(cert, "speculative", None)
+        choice = getattr(self.certificate, "speculative", None)
         if choice is None:
             return 0, 4
         blocks = [e.block for e in self.bundle.exits]

@@ -85,6 +85,11 @@ def _calibration(change):
     return lambda d: change(d["calibration"]["onnxruntime-fp32"])
 
 
+def _draft(block: int) -> dict:
+    return {"draft_block": block, "draft_len": 3, "n": 10, "predicted_ms_per_token": 0.3,
+            "monolithic_ms_per_token": 0.5, "acceptance": 0.8, "rule": "measured"}
+
+
 def _nest(path: Path, depth: int) -> None:
     text = (path / "bundle.json").read_text()
     deep = '{"x": ' * depth + "{}" + "}" * depth
@@ -120,6 +125,10 @@ CASES = {
                                        "'thresholds[0]' must be a number or null"),
     "certificate wrong count": (lambda p: _manifest(p, _calibration(lambda c: c.update(thresholds=[0.5]))),
                                 "has 1 thresholds for 2 exits"),
+    "speculative draft not an exit": (lambda p: _manifest(p, _calibration(lambda c: c.update(speculative=_draft(99)))),
+                                      "drafts from block 99, which has no exit"),
+    "speculative on a classifier": (lambda p: _manifest(p, _calibration(lambda c: c.update(speculative=_draft(1)))),
+                                    "applies to generative bundles only"),
     "certificate under another key": (lambda p: _manifest(p, _calibration(lambda c: c.update(key="tensorrt-fp16"))),
                                       "holds a certificate for 'tensorrt-fp16'"),
     "role changed": (lambda p: _manifest(p, lambda d: d["stages"][0]["segment"]["outputs"][0].update(role="final_logits")),
