@@ -8,9 +8,13 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.freedeploy-installed
+# Serving (Triton through PyTriton) lives in its own environment: PyTriton pins numpy<2, the rest of
+# the toolchain (OpenCV, ...) wants numpy 2. It holds the runtime only: no torch.
+SERVE_VENV ?= .venv-serve
+SERVE_STAMP := $(SERVE_VENV)/.freedeploy-installed
 DEMO ?= demo-out
 
-.PHONY: install demo test test-slow schema clean
+.PHONY: install serve-env demo test test-slow schema clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +22,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)" -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
+$(SERVE_STAMP): pyproject.toml
+	test -x $(SERVE_VENV)/bin/python || $(PYTHON) -m venv $(SERVE_VENV)
+	$(SERVE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(SERVE_VENV)/bin/python -m pip install --quiet -e ".[serve]"
+	touch $(SERVE_STAMP)
+
 install: $(STAMP)
+
+serve-env: $(SERVE_STAMP)
 
 # The whole path on the built-in digits data: train FREE exits, export a validated bundle,
 # certify thresholds on the validation split, evaluate on the test split, run a few predictions,
@@ -32,11 +44,11 @@ demo: $(STAMP)
 	$(BIN)/python examples/predict.py $(DEMO)/bundles/digits $(DEMO)/images
 	$(BIN)/freedeploy bench $(DEMO)/bundles/digits --batch 1,32
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(STAMP) $(SERVE_STAMP)
+	FREEDEPLOY_SERVE_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q
 
-test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+test-slow: $(STAMP) $(SERVE_STAMP)
+	FREEDEPLOY_SERVE_PYTHON=$(SERVE_VENV)/bin/python $(BIN)/python -m pytest -q -m slow
 
 # The published JSON Schemas of bundle.json, build.json and validation.json, from the dataclasses.
 schema: $(STAMP)

@@ -148,12 +148,16 @@ def _pil_to_array(img: Any) -> np.ndarray:
 
 
 def _to_uint8_hwc(item: Any) -> np.ndarray:
-    """Accept a path, a PIL image or an HW / HWC uint8 array; return an HWC uint8 array."""
-    if isinstance(item, (str, os.PathLike)):
+    """Accept a path, an encoded image file's bytes (PNG, JPEG, ...), a PIL image or an HW / HWC
+    uint8 array; return an HWC uint8 array."""
+    if isinstance(item, (str, os.PathLike, bytes, bytearray, memoryview)):
+        import io
+
         from PIL import Image
 
+        encoded = not isinstance(item, (str, os.PathLike))
         try:
-            with Image.open(item) as img:
+            with Image.open(io.BytesIO(bytes(item)) if encoded else item) as img:
                 img.load()
                 item = _pil_to_array(img)
         except InputError:
@@ -161,11 +165,15 @@ def _to_uint8_hwc(item: Any) -> np.ndarray:
         except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, and
             # DecompressionBombError (or its warning, when warnings are errors): each means this file cannot be used
             reason = " ".join(str(exc).split()) or type(exc).__name__
-            raise InputError(f"cannot read image {os.fspath(item)}: {reason}") from exc
+            what = f"{len(item)} bytes of image data" if encoded else os.fspath(item)
+            reason = reason.split(" <_io.")[0]  # Pillow names the in-memory file by its repr
+            raise InputError(f"cannot read image from {what}: {reason}" if encoded
+                             else f"cannot read image {what}: {reason}") from exc
     if hasattr(item, "mode") and hasattr(item, "size"):  # a PIL image
         item = _pil_to_array(item)
     if not isinstance(item, np.ndarray):
-        raise InputError(f"expected an image path, a PIL image or a uint8 array, got {type(item).__name__}")
+        raise InputError(f"expected an image path, encoded image bytes, a PIL image or a uint8 array, got "
+                         f"{type(item).__name__}")
     if item.dtype != np.uint8:
         raise InputError(
             f"image arrays must be uint8 (HW or HWC), got {item.dtype}; pass already-normalised "

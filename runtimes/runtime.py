@@ -295,8 +295,9 @@ class Runtime:
         return bad
 
     def _infer_keeping(self, inputs: Any, th: list[float | None], policy: str,
-                       question: str | Sequence[str] | None, deadline: Deadline | None = None) -> Result:
-        """``infer(..., errors="keep")``: a failing input costs its own row only."""
+                       question: str | Sequence[str] | None, deadline: Deadline | None = None,
+                       full: bool = False) -> Result:
+        """``infer(..., errors="keep")``: a failing input costs its own row only (``full``: the monolithic graph)."""
         items = self._items(inputs, question)
         errors: dict[int, InputError] = {}
         if isinstance(items, dict):
@@ -313,18 +314,18 @@ class Runtime:
             errors.update((int(r), InputError("this input contains NaN or Inf")) for r in rows[bad])
             arrays, rows = {k: v[~bad] for k, v in arrays.items()}, rows[~bad]
         classes, confidences = np.full(n, -1, dtype=np.int64), np.full(n, np.nan, dtype=np.float32)
-        exits, timings = np.full(n, -1, dtype=np.int64), {}
+        exits, timings, ran = np.full(n, -1, dtype=np.int64), {}, np.zeros(n, dtype=bool)
         forced = None if deadline is None else np.zeros(n, dtype=bool)
         step = self.bundle.batch.max
         for start in range(0, len(rows), step):
             chunk, where = {k: v[start:start + step] for k, v in arrays.items()}, rows[start:start + step]
-            for at, out in self._run_each(chunk, where, th, policy, errors, deadline):
-                classes[at], confidences[at], exits[at] = out.classes, out.confidences, out.exits
+            for at, out in self._run_each(chunk, where, th, policy, errors, deadline, full):
+                classes[at], confidences[at], exits[at], ran[at] = out.classes, out.confidences, out.exits, True
                 if forced is not None:
                     forced[at] = out.forced
                 for k, v in out.timings.items():
                     timings[k] = timings.get(k, 0.0) + v
-        blocks = np.where(exits >= 0, self._exit_blocks[exits], 0)
+        blocks = np.where(ran, self._exit_blocks[exits], 0)  # the monolithic graph's exit -1: the full depth
         return Result(classes, confidences, exits, self.bundle.labels, blocks, timings, flagged,
                       dict(sorted(errors.items())), forced)
 
@@ -345,17 +346,20 @@ class Runtime:
         return arrays, np.array(rows, dtype=np.int64)
 
     def _run_each(self, chunk: dict[str, np.ndarray], where: np.ndarray, th: list[float | None], policy: str,
-                  errors: dict[int, InputError], deadline: Deadline | None = None) -> list[tuple[np.ndarray, ChainOutput]]:
+                  errors: dict[int, InputError], deadline: Deadline | None = None,
+                  full: bool = False) -> list[tuple[np.ndarray, ChainOutput]]:
         """Run one chunk; if the backend rejects it, row by row, so that one input cannot sink the rest."""
+        def go(arrays: dict[str, np.ndarray]) -> ChainOutput:
+            return run_full(self.backend, self.bundle, arrays) if full else self._chain(arrays, th, policy, deadline)
+
         try:
-            return [(where, self._chain(chunk, th, policy, deadline))]
+            return [(where, go(chunk))]
         except InputError:
             pass
         out = []
         for j, row in enumerate(where):
             try:
-                out.append((where[j:j + 1], self._chain({k: v[j:j + 1] for k, v in chunk.items()}, th, policy,
-                                                        deadline)))
+                out.append((where[j:j + 1], go({k: v[j:j + 1] for k, v in chunk.items()})))
             except InputError as exc:
                 errors[int(row)] = exc
         return out
@@ -430,10 +434,14 @@ class Runtime:
         return Generation(self._tokenizer.decode(text_ids), tuple(out.tokens), blocks, mode, out.calls, seconds,
                           out.prefill_seconds, tuple(float(c) for c in out.confidences))
 
-    def infer_full(self, inputs: Any) -> Result:
-        """The monolithic graph (no early exit): the baseline."""
+    def infer_full(self, inputs: Any, question: str | Sequence[str] | None = None, errors: str = "raise") -> Result:
+        """The monolithic graph (no early exit): the baseline. ``question`` and ``errors`` as for ``infer``."""
         self._open()
-        return self._result([run_full(self.backend, self.bundle, c) for c in self._chunks(self.encode(inputs))])
+        if errors not in ("raise", "keep"):
+            raise ConfigError(f"errors must be 'raise' or 'keep', got {errors!r}")
+        if errors == "keep":
+            return self._infer_keeping(inputs, self._thresholds, self.policy, question, full=True)
+        return self._result([run_full(self.backend, self.bundle, c) for c in self._chunks(self.encode(inputs, question))])
 
     def record(self, inputs: Any) -> RecordOutput:
         """Every exit's and the final head's confidence and prediction for every row."""

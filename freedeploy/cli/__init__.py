@@ -110,7 +110,8 @@ def main() -> None:
 
 
 def _register() -> None:
-    from freedeploy.cli import bench_cmd, calibrate_cmd, export_cmd, inspect_cmd, run_cmd, train_cmd
+    from freedeploy.cli import (bench_cmd, calibrate_cmd, export_cmd, inspect_cmd, repo_cmd, run_cmd, serve_cmd,
+                                train_cmd)
 
     cli.add_command(train_cmd.train)
     cli.add_command(export_cmd.export)
@@ -120,6 +121,8 @@ def _register() -> None:
     cli.add_command(calibrate_cmd.calibrate)
     cli.add_command(calibrate_cmd.eval_)
     cli.add_command(bench_cmd.bench)
+    cli.add_command(serve_cmd.serve)
+    cli.add_command(repo_cmd.triton_repo)
 
 
 _register()
