@@ -94,6 +94,7 @@ class Client:
         self.url, self.model, self.timeout = f"http://{parsed.netloc}", model, timeout
         self._host, self._port = parsed.hostname, parsed.port or 80
         self._local = threading.local()
+        self._max_batches: dict[str, int | None] = {}  # model -> its max_batch_size, read on first use
 
     def __repr__(self) -> str:
         return f"Client({self.url!r}, {self.model!r})"
@@ -167,6 +168,49 @@ class Client:
         bundles) go to the model NAME; a dict of preprocessed arrays to NAME_tensors."""
         if errors not in ("raise", "keep"):
             raise ConfigError(f"errors must be 'raise' or 'keep', got {errors!r}")
+        rows: list[Prediction | InputError] = []
+        for chunk, q in self._chunks(inputs, question):
+            rows += self._infer(chunk, q)
+        if errors == "raise":
+            for row in rows:
+                if isinstance(row, InputError):
+                    raise row
+        return rows
+
+    def _max_batch(self, model: str) -> int | None:
+        """The model's max_batch_size, read once from its config (None when it cannot be read)."""
+        if model not in self._max_batches:
+            try:
+                status, data = self._request("GET", f"/v2/models/{model}/config")
+                if status != 200:
+                    return None
+                self._max_batches[model] = int(json.loads(data).get("max_batch_size") or 0) or None
+            except (BackendUnavailableError, ValueError, AttributeError, TypeError):
+                return None
+        return self._max_batches[model]
+
+    def _chunks(self, inputs: Any, question: str | Sequence[str] | None) -> list[tuple[Any, Any]]:
+        """More rows than the model's max batch go as several requests, as ``Runtime.infer`` splits."""
+        if isinstance(inputs, dict):
+            arrays = {k: np.asarray(v) for k, v in inputs.items()}
+            n = len(next(iter(arrays.values()))) if arrays and next(iter(arrays.values())).ndim else 0
+            step = self._max_batch(self.model + TENSORS_SUFFIX)
+            if not step or n <= step:
+                return [(inputs, question)]
+            return [({k: v[i:i + step] for k, v in arrays.items()}, question) for i in range(0, n, step)]
+        items = [inputs] if isinstance(inputs, (str, bytes, bytearray, os.PathLike)) else inputs
+        if not isinstance(items, (list, tuple)):
+            return [(inputs, question)]
+        step = self._max_batch(self.model)
+        if not step or len(items) <= step:
+            return [(items, question)]
+        many = question is not None and not isinstance(question, (str, bytes))
+        if many and len(question) != len(items):
+            raise InputError(f"{len(question)} questions for {len(items)} images: give one, or one per image")
+        return [(items[i:i + step], list(question[i:i + step]) if many else question)
+                for i in range(0, len(items), step)]
+
+    def _infer(self, inputs: Any, question: Any) -> list[Prediction | InputError]:
         model, parts = self._parts(inputs, question)
         body, head_len = _encode_request(parts)
         status, data = self._request("POST", f"/v2/models/{model}/infer", body,
@@ -177,12 +221,7 @@ class Client:
             if status >= 500 and "unavailable" in message.lower():
                 raise BackendUnavailableError(f"server {self.url}: {message}")
             raise InputError(f"server {self.url} refused the request ({status}): {message}")
-        rows = _predictions(json.loads(data))
-        if errors == "raise":
-            for row in rows:
-                if isinstance(row, InputError):
-                    raise row
-        return rows
+        return _predictions(json.loads(data))
 
     def _parts(self, inputs: Any, question: str | Sequence[str] | None) -> tuple[str, list]:
         if isinstance(inputs, dict):

@@ -87,7 +87,7 @@ def _owned(pid: int, children: set[int]) -> set[str]:
             continue
         for arg in args:
             for part in arg.replace("=", " ").replace(",", " ").split():
-                if part.startswith("/tmp/"):
+                if part.startswith(("/tmp/freedeploy-serve-", "/tmp/folder")):  # its workspace, Triton's copies
                     paths.add("/tmp/" + part.split("/")[2])
         if args[0].endswith("triton_python_backend_stub") and len(args) > 2:  # STUB MODEL.PY SHM-REGION ...
             paths.add(f"/dev/shm/{args[2]}")
@@ -157,6 +157,12 @@ def test_eight_clients_get_the_local_runtimes_answers_and_a_stop_leaves_nothing(
             arrays = rt.encode(test_images[:10])
         for served, want in zip(client.infer(arrays), local[:10]):
             _same(served, want)
+        # more rows than the model's max batch go as several requests, as Runtime.infer splits them
+        many = [test_images[i % len(test_images)] for i in range(2 * server.info["max_batch"] + 3)]
+        for served, i in zip(client.infer(many), range(len(many))):
+            _same(served, local[i % len(test_images)])
+        with pytest.raises(InputError, match="unknown model"):
+            Client(server.url, "nosuch").infer([test_images[0]])
         # a corrupt image costs its own row only, in the same request as good ones
         rows = client.infer([test_images[0], b"not an image", test_images[1]], errors="keep")
         _same(rows[0], local[0])
