@@ -21,6 +21,19 @@ from runtimes.serve.client import Client, Fleet
 from analysis.serving import ServerProcess, free_ports
 from tests.serve.conftest import ROOT, port_in_use
 
+GRPC_CLIENT = """
+import json, sys
+import numpy as np
+import tritonclient.grpc as grpc
+client = grpc.InferenceServerClient(sys.argv[1])
+images = np.array([[bytes.fromhex(h)] for h in json.loads(sys.stdin.read())], dtype=object)
+x = grpc.InferInput("image", list(images.shape), "BYTES")
+x.set_data_from_numpy(images)
+r = client.infer(sys.argv[2], [x])
+print(json.dumps([[l.decode(), int(b)] for l, b in zip(r.as_numpy("label")[:, 0], r.as_numpy("block")[:, 0])]))
+"""
+
+
 def png_bytes(items) -> list[bytes]:
     from PIL import Image
 
@@ -163,6 +176,13 @@ def test_eight_clients_get_the_local_runtimes_answers_and_a_stop_leaves_nothing(
             _same(served, local[i % len(test_images)])
         with pytest.raises(InputError, match="unknown model"):
             Client(server.url, "nosuch").infer([test_images[0]])
+        # gRPC answers the same, through NVIDIA's own client in the serving environment
+        grpc = subprocess.run([serve_python, "-c", GRPC_CLIENT, f"127.0.0.1:{server.grpc}", "micro"],
+                              input=json.dumps([b.hex() for b in test_images[:4]]), capture_output=True, text=True,
+                              timeout=60)
+        assert grpc.returncode == 0, grpc.stderr[-2000:]
+        for (label, block), want in zip(json.loads(grpc.stdout), local[:4]):
+            assert (label, block) == (want.label, want.block)
         # a corrupt image costs its own row only, in the same request as good ones
         rows = client.infer([test_images[0], b"not an image", test_images[1]], errors="keep")
         _same(rows[0], local[0])
