@@ -243,6 +243,40 @@ def test_two_servers_behind_a_fleet_client_answer_as_the_local_runtime(serve_pyt
         assert _left(s.owned, s.proc.pid) == set()
 
 
+RUNTIME_PROBE = """
+import json, sys
+import numpy as np
+from runtimes import Runtime
+images = [bytes.fromhex(h) for h in json.loads(sys.stdin.read())]
+from runtimes.monitor import Monitor
+rt = Runtime.load(sys.argv[1], monitor=Monitor(1.0, tolerance=0.05))
+conf = rt.record(images).confidences  # (rows, exits + 1)
+rt.thresholds = [float(np.median(conf[:, i])) for i in range(len(rt.bundle.exits))]  # about half leave at each
+out = {}
+r = rt.infer(images); out["plain"] = [r.classes.tolist(), r.blocks.tolist(), r.confidences.tolist()]
+r = rt.infer(images + [b"junk"], errors="keep"); out["keep"] = [r.classes.tolist(), sorted(r.errors)]
+out["full"] = rt.infer_full(images).classes.tolist()
+out["record"] = rt.record(images).confidences.tolist()
+out["deadline"] = rt.infer(images, deadline_ms=1000).classes.tolist()
+out["monitor"] = rt.stats().to_dict()["monitor"]
+print(json.dumps([np.__version__, out]))
+"""
+
+
+def test_the_runtime_answers_alike_on_numpy_1_and_2(serve_python, bundle, test_images):
+    """The runtime's paths (early exit, kept errors, the monolithic graph, records, deadlines, the drift
+    monitor) give the same numbers in the serving environment (numpy 1.26) as here (numpy 2)."""
+    def probe(python: str) -> tuple[str, dict]:
+        r = subprocess.run([python, "-c", RUNTIME_PROBE, str(bundle)], input=json.dumps([b.hex() for b in
+                           test_images[:16]]), capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return tuple(json.loads(r.stdout))
+
+    (old_numpy, old), (new_numpy, new) = probe(serve_python), probe(sys.executable)
+    assert old_numpy.startswith("1.") and new_numpy.startswith("2."), (old_numpy, new_numpy)
+    assert old == new and len(set(new["plain"][1])) > 1, "rows left at several exits"
+
+
 def test_the_serving_environment_is_the_runtime_without_torch_on_numpy_1(serve_python):
     probe = ("import importlib.util, numpy; print(numpy.__version__, importlib.util.find_spec('torch') is None, "
              "importlib.util.find_spec('cv2') is None)")
