@@ -31,13 +31,9 @@ import numpy as np
 
 from runtimes.errors import BackendUnavailableError, ConfigError, InputError
 from runtimes.result import Prediction
-from runtimes.serve.protocol import OUTPUTS, TENSORS_SUFFIX
+from runtimes.serve.protocol import DATATYPES, OUTPUTS, TENSORS_SUFFIX
 
 __all__ = ["Client", "Fleet", "ServerStats"]
-
-_NUMPY = {"FP32": np.float32, "FP16": np.float16, "FP64": np.float64, "INT64": np.int64, "INT32": np.int32,
-          "INT8": np.int8, "UINT8": np.uint8, "BOOL": np.bool_}
-_DATATYPE = {np.dtype(v).name: k for k, v in _NUMPY.items()}
 
 
 def _bytes_blob(values: Sequence[bytes]) -> bytes:
@@ -230,9 +226,9 @@ class Client:
             parts = []
             for name, value in inputs.items():
                 a = np.ascontiguousarray(value)
-                if a.dtype.name not in _DATATYPE:
+                if DATATYPES.get(a.dtype.name, "BYTES") == "BYTES":
                     raise InputError(f"input {name!r}: dtype {a.dtype} cannot be sent")
-                parts.append((name, _DATATYPE[a.dtype.name], a.shape, a.astype(a.dtype.newbyteorder("<")).tobytes()))
+                parts.append((name, DATATYPES[a.dtype.name], a.shape, a.astype(a.dtype.newbyteorder("<")).tobytes()))
             if not parts:
                 raise InputError("empty dict of inputs")
             return self.model + TENSORS_SUFFIX, parts

@@ -30,7 +30,7 @@ import numpy as np
 
 from runtimes.errors import ConfigError, InputError
 
-__all__ = ["Port", "OUTPUTS", "MODES", "DEFAULT_QUEUE_DELAY_US", "TENSORS_SUFFIX", "inputs_for", "model_name",
+__all__ = ["Port", "OUTPUTS", "DATATYPES", "MODES", "DEFAULT_QUEUE_DELAY_US", "TENSORS_SUFFIX", "inputs_for", "model_name",
            "check_model_name", "model_names", "answer", "answer_requests", "rows_of"]
 
 MODES = ("raw", "tensors")
@@ -40,7 +40,7 @@ DEFAULT_QUEUE_DELAY_US = 0
 TENSORS_SUFFIX = "_tensors"
 
 # numpy dtype -> KServe v2 datatype name (the config.pbtxt name is "TYPE_" + it, BYTES -> TYPE_STRING)
-_DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
+DATATYPES = {"float32": "FP32", "float16": "FP16", "float64": "FP64", "int64": "INT64", "int32": "INT32",
               "int8": "INT8", "uint8": "UINT8", "bool": "BOOL", "object": "BYTES", "bytes": "BYTES"}
 
 
@@ -55,7 +55,7 @@ class Port:
     @property
     def datatype(self) -> str:
         """The KServe v2 name (FP32, INT64, BYTES, ...)."""
-        return _DATATYPES[self.dtype]
+        return DATATYPES[self.dtype]
 
     @property
     def config_type(self) -> str:

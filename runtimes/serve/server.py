@@ -224,9 +224,7 @@ def _run(runtime: Any, config: ServeConfig, served: dict[str, Any], ports: dict[
     except (_Stop, KeyboardInterrupt):
         pass
     finally:
-        _end(stubs)
-        shutil.rmtree(workspace, ignore_errors=True)
-        _remove(_stub_leftovers(stubs))
+        _clean_up(stubs, workspace)
     return served
 
 
@@ -324,9 +322,7 @@ def _run_tritonserver(bundle_dir: str | os.PathLike, config: ServeConfig, served
                     proc.wait()
             if log is not None:
                 log.close()
-            _end(stubs)
-            shutil.rmtree(workspace, ignore_errors=True)
-            _remove(_stub_leftovers(stubs))
+            _clean_up(stubs, workspace)
     return served
 
 
@@ -363,7 +359,7 @@ def _cmdline(pid: int) -> list[str]:
 
 def _stub_leftovers(stubs: dict[int, list[str]]) -> list[Path]:
     """What the stubs were given on their command lines: the shared-memory region, and the folder
-    Triton copied the model into when it was loaded from memory (``/tmp/folderXXXXXX``, PyTriton's
+    Triton copied the model into when it was loaded from memory (``/tmp/folder`` and six random characters, PyTriton's
     case). Triton removes both when it unloads the models, but not when it ends at its exit timeout
     (clients still connected): then they are this server's to remove."""
     found: list[Path] = []
@@ -391,6 +387,13 @@ def _end(stubs: dict[int, list[str]], grace: float = 3.0) -> None:
     for p in live:
         with contextlib.suppress(OSError):
             os.kill(p, signal.SIGKILL)
+
+
+def _clean_up(stubs: dict[int, list[str]], workspace: Path) -> None:
+    """After Triton: its stubs that outlived it, what they held, and the server's workspace."""
+    _end(stubs)
+    shutil.rmtree(workspace, ignore_errors=True)
+    _remove(_stub_leftovers(stubs))
 
 
 def _remove(paths: list[Path]) -> None:

@@ -156,6 +156,8 @@ def test_client_checks_what_needs_no_server():
         client.infer([np.zeros((4, 4), np.uint8)])
     with pytest.raises(InputError, match="empty batch"):
         client.infer([])
+    with pytest.raises(InputError, match="cannot be sent"):
+        client.infer({"pixel_values": np.array([["a"]], dtype=object)})
     with pytest.raises(BackendUnavailableError, match="no server of the fleet answered"):
         Fleet([f"http://127.0.0.1:{port}"], "m", timeout=2).infer([b"x"])
 

@@ -277,6 +277,29 @@ def test_a_failed_batch_fails_each_request_with_its_reason(micro_bundle, micro_r
     assert all("\n" not in r.error().message() and "closed" in r.error().message() for r in responses)
 
 
+@pytest.mark.parametrize("key, value, words", [("thresholds", "not json", "must be a JSON list"),
+                                              ("thresholds", "[0.5, 0.5, 0.5]", "threshold"),
+                                              ("early_exit", "maybe", "true or false"),
+                                              ("mode", "pixels", "mode must be"),
+                                              ("bundle", "../../elsewhere", "is not a bundle directory")])
+def test_hand_edited_parameters_that_cannot_work_stop_the_model_loading(micro_bundle, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch, key: str,
+                                                                       value: str, words: str) -> None:
+    """config.pbtxt's parameters may be edited before the server starts: a wrong one fails the load with
+    a one-line freedeploy error (Triton reports it and does not serve the model)."""
+    from runtimes.errors import FreedeployError
+
+    write_repository(micro_bundle.out, tmp_path / "models", name="d")
+    config = tmp_path / "models" / "d" / "config.pbtxt"
+    text = config.read_text()
+    old = f'key: "{key}"\n  value: {{ string_value: "{_parameters(tmp_path / "models" / "d")[key]}" }}'
+    assert old in text
+    config.write_text(text.replace(old, f'key: "{key}"\n  value: {{ string_value: "{value}" }}'))
+    with pytest.raises(FreedeployError, match=words) as err:
+        _load_model(tmp_path / "models", "d", monkeypatch)
+    assert "\n" not in str(err.value)
+
+
 VENDORED_CHECK = textwrap.dedent("""
     import importlib.util, json, sys
     import numpy as np

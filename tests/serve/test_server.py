@@ -307,6 +307,9 @@ def test_serving_refuses_bad_settings_with_one_line(serve_python, bundle, tmp_pa
         bad_host = serve(str(bundle), "--host", host, "--http-port", str(http), "--grpc-port", str(grpc),
                          "--metrics-port", str(metrics))
         assert bad_host.returncode == 2 and "is not an address of this machine" in bad_host.stderr, bad_host.stderr
+    thresholds = serve(str(bundle), "--thresholds", "0.5,0.5,0.5,0.5", "--http-port", str(http), "--grpc-port",
+                       str(grpc), "--metrics-port", str(metrics))
+    assert thresholds.returncode == 2 and thresholds.stderr.count("\n") == 1, thresholds.stderr
     name = serve(str(bundle), "--name", "bad/name", "--http-port", str(http), "--grpc-port", str(grpc),
                  "--metrics-port", str(metrics))
     assert name.returncode == 2 and "not one Triton takes" in name.stderr
