@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine: `make demo` and `make test`.
 # TORCH_SPEC chooses the torch build: the default is the CPU wheel that this project's build
 # machines carry; on a CUDA workstation use e.g. TORCH_SPEC='torch==2.13.0' with the CUDA index
-# (see README).
+# (see docs/install.md).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -52,7 +52,7 @@ test-slow: $(STAMP) $(SERVE_STAMP)
 
 # The published JSON Schemas of bundle.json, build.json and validation.json, from the dataclasses.
 schema: $(STAMP)
-	$(BIN)/python -c "from runtimes.records import schemas; from runtimes.schema import dump_schema; \
+	$(BIN)/python -c "from runtimes.published import schemas; from runtimes.schema import dump_schema; \
 	[open('docs/schema/' + n, 'w').write(dump_schema(s)) for n, s in schemas().items()]"
 
 clean:

@@ -24,7 +24,8 @@ from analysis import BURST
 from analysis.evaluation import analytic_speedup
 from analysis.metrics import exit_share
 from calibration.thresholds import exit_decisions
-from runtimes.runtime import Runtime
+from runtimes.classifier import Classifier
+from runtimes.thresholds import NEVER
 
 __all__ = ["BURST", "latency", "throughput", "summarise", "interleaved", "stats_ms", "head_costs", "cost_model"]
 
@@ -42,7 +43,7 @@ def _with_torch(times: dict[str, np.ndarray], torch_fn: Callable | None, inputs:
     return times
 
 
-def _variants(rt: Runtime, policy: str) -> dict[str, Callable[[dict], Any]]:
+def _variants(rt: Classifier, policy: str) -> dict[str, Callable[[dict], Any]]:
     thresholds = rt.thresholds
     k = len(rt.bundle.exits)
 
@@ -51,7 +52,7 @@ def _variants(rt: Runtime, policy: str) -> dict[str, Callable[[dict], Any]]:
 
     return {"full": rt.infer_full, "early_exit": chain(thresholds), "no_exit": chain([None] * k),
             # a sample no exit is confident about: it passes every head that is on, and only those
-            "never_exits": chain([None if t is None else 2.0 for t in thresholds])}
+            "never_exits": chain([None if t is None else NEVER for t in thresholds])}
 
 
 def interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, np.ndarray], batch: int,
@@ -76,7 +77,7 @@ def interleaved(variants: dict[str, Callable[[dict], Any]], inputs: dict[str, np
     return {k: np.asarray(v[:runs]) for k, v in times.items()}
 
 
-def latency(rt: Runtime, inputs: dict[str, np.ndarray], runs: int = 200, warmup: int = 20,
+def latency(rt: Classifier, inputs: dict[str, np.ndarray], runs: int = 200, warmup: int = 20,
             torch_fn: Callable | None = None, seed: int = 0, burst: int = BURST) -> dict[str, np.ndarray]:
     """Batch-1 seconds per call for every variant, ``runs`` calls over successive real samples, in
     interleaved bursts of ``burst`` consecutive calls (see ``interleaved``)."""
@@ -84,7 +85,7 @@ def latency(rt: Runtime, inputs: dict[str, np.ndarray], runs: int = 200, warmup:
     return _with_torch(times, torch_fn, inputs, 1, runs, warmup, seed)
 
 
-def throughput(rt: Runtime, inputs: dict[str, np.ndarray], batch: int, runs: int = 30, warmup: int = 3,
+def throughput(rt: Classifier, inputs: dict[str, np.ndarray], batch: int, runs: int = 30, warmup: int = 3,
                torch_fn: Callable | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """Seconds per batch of ``batch`` real samples; the early-exit chain under both policies."""
     variants = _variants(rt, "per_sample")
@@ -94,7 +95,7 @@ def throughput(rt: Runtime, inputs: dict[str, np.ndarray], batch: int, runs: int
                        seed)
 
 
-def head_costs(rt: Runtime, inputs: dict[str, np.ndarray], samples: int = 32, batch: int = 1) -> dict[str, Any]:
+def head_costs(rt: Classifier, inputs: dict[str, np.ndarray], samples: int = 32, batch: int = 1) -> dict[str, Any]:
     """Each exit head's measured cost at ``batch`` rows as a fraction of one backbone block, and
     the ceiling that follows: the speed-up if every sample left at the first exit."""
     from calibration.costs import measure_costs
@@ -130,7 +131,7 @@ def stats_ms(t: np.ndarray) -> dict[str, float]:
             "p99": float(np.percentile(ms, 99)), "runs": int(len(ms))}
 
 
-def summarise(rt: Runtime, inputs: dict[str, np.ndarray], lat: dict[str, np.ndarray],
+def summarise(rt: Classifier, inputs: dict[str, np.ndarray], lat: dict[str, np.ndarray],
               thr: dict[int, dict[str, np.ndarray]], labels: np.ndarray | None = None) -> dict[str, Any]:
     """Ratios against the monolithic graph, with the analytic speed-up on the same samples (the
     batch-1 rounds cycled through the inputs in order, so the first rows are the ones timed)."""

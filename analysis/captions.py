@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.dataset import Dataset, digit_images
 from analysis.jsonl import jsonl_objects
 from runtimes.errors import ConfigError, DataError
 
@@ -104,18 +105,14 @@ def digit_captions(digit: int, rng: np.random.Generator) -> list[tuple[str, str]
 
 
 def _build(spec: str, items: list[Any], targets: list[str], labels: list[int], names: tuple[str, ...],
-           groups: list[int]) -> Any:
-    from analysis.data import Dataset
-
+           groups: list[int]) -> Dataset:
     if not items:
         raise DataError(f"data set {spec!r} is empty")
     return Dataset(spec, "image-to-text", items, np.asarray(labels, dtype=np.int64), names,
                    groups=np.asarray(groups, dtype=np.int64), targets=tuple(targets))
 
 
-def load_captions_digits(spec: str) -> Any:
-    from analysis.data import digit_images
-
+def load_captions_digits(spec: str) -> Dataset:
     images, digits = digit_images("captions-digits")
     rng = np.random.default_rng(_SEED)
     items, targets, labels, groups = [], [], [], []
@@ -137,7 +134,7 @@ def _field(path: Path, n: int, row: dict[str, Any], key: str) -> str:
     return value.strip()
 
 
-def load_captions_jsonl(spec: str, path: Path) -> Any:
+def load_captions_jsonl(spec: str, path: Path) -> Dataset:
     """Rows of ``{"image", "text"}`` with an optional ``"prompt"``; one label, ``"text"``."""
     if not path.is_file():
         raise DataError(f"captions file {path} does not exist or is not a file")
@@ -161,7 +158,7 @@ def load_captions_jsonl(spec: str, path: Path) -> Any:
     return _build(spec, items, targets, [0] * len(items), ("text",), groups)
 
 
-def caption_texts(ds: Any) -> list[str]:
+def caption_texts(ds: Dataset) -> list[str]:
     """Each row's words, prompt then target, one string a row (for learning a tokenizer)."""
     if ds.targets is None:
         raise ConfigError(f"data set {ds.spec!r} holds {ds.modality} data without target texts; "

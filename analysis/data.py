@@ -29,7 +29,6 @@ import csv
 import hashlib
 import importlib.util
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import parse_qsl
@@ -37,6 +36,7 @@ from urllib.parse import parse_qsl
 import numpy as np
 
 from analysis.captions import load_captions_digits, load_captions_jsonl
+from analysis.dataset import Dataset, digit_images
 from analysis.vqa import load_vqa_digits, load_vqa_jsonl
 from runtimes.errors import ConfigError, DataError
 
@@ -45,26 +45,6 @@ __all__ = ["Dataset", "load_dataset", "make_splits", "labelled_subset", "SPLITS"
 SPLITS = ("train", "val", "test")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test; val is what calibration certifies on
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-
-
-@dataclass(frozen=True)
-class Dataset:
-    spec: str
-    modality: str  # "image", "text", "image-text" or "image-to-text"
-    items: list[Any]  # uint8 HW/HWC arrays, image paths, strings, or (image, question / prompt) pairs
-    labels: np.ndarray  # int64 (N,), indices into label_names
-    label_names: tuple[str, ...]
-    groups: np.ndarray | None = None  # int64 (N,): rows of one group (an image) stay in one split
-    targets: tuple[str, ...] | None = None  # image-to-text: the text to generate, one per row
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def subset(self, indices: Sequence[int]) -> "Dataset":
-        idx = np.asarray(indices, dtype=np.int64)
-        return Dataset(self.spec, self.modality, [self.items[i] for i in idx], self.labels[idx], self.label_names,
-                       None if self.groups is None else self.groups[idx],
-                       None if self.targets is None else tuple(self.targets[i] for i in idx))
 
 
 def load_dataset(spec: str) -> Dataset:
@@ -131,17 +111,6 @@ def _finish(spec: str, modality: str, items: list[Any], raw_labels: Sequence[Any
     index = {n: i for i, n in enumerate(names)}
     labels = np.array([index[str(x).strip()] for x in raw_labels], dtype=np.int64)
     return Dataset(spec, modality, items, labels, tuple(names))
-
-
-def digit_images(name: str = "digits") -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's bundled handwritten digits as (N, 8, 8) uint8 images and their digits;
-    ``name`` is the data set asking, for the error message."""
-    try:
-        from sklearn.datasets import load_digits
-    except ImportError as exc:
-        raise DataError(f"the {name!r} data set needs scikit-learn: pip install scikit-learn") from exc
-    d = load_digits()
-    return np.rint(d.images * (255.0 / 16.0)).astype(np.uint8), d.target  # values 0..16 -> 0..255
 
 
 def _load_digits(spec: str) -> Dataset:

@@ -12,8 +12,9 @@ import numpy as np
 from analysis.data import Dataset, load_dataset, make_splits, split_digest
 from analysis.metrics import exit_histogram, exit_metrics
 from calibration.thresholds import exit_decisions, expected_cost
-from runtimes.bundle import Bundle
+from runtimes.bundle import Bundle, ClassifierHead
 from runtimes.errors import ConfigError, DataError
+from runtimes.classifier import Classifier
 from runtimes.runtime import Runtime
 
 __all__ = ["bundle_split", "evaluate", "analytic_speedup"]
@@ -22,17 +23,16 @@ __all__ = ["bundle_split", "evaluate", "analytic_speedup"]
 def bundle_split(bundle: Bundle, spec: str | None, split: str) -> tuple[Dataset, np.ndarray]:
     """Rows of ``split`` ('train', 'val', 'test' or 'all'); the bundle's own data set gets the exact
     split its model was trained with (checked by fingerprint)."""
-    if bundle.decoder is not None:
-        raise ConfigError(f"bundle {bundle.name!r} generates text: its rows are images and prompts with reference "
-                          "texts (analysis.generation.generation_rows), not labelled samples")
+    labels = bundle.expect(ClassifierHead, "a labelled split (a generative bundle's rows: "
+                                           "analysis.generation.generation_rows)").labels
     source = (bundle.provenance.get("source") or {}).get("data") or {}
     spec = spec or source.get("spec")
     if not spec:
         raise DataError(f"bundle {bundle.name!r} does not record its data set: pass --data")
     data = load_dataset(spec)
-    if tuple(data.label_names) != tuple(bundle.labels):
+    if tuple(data.label_names) != tuple(labels):
         raise DataError(f"data set {spec!r} has labels {list(data.label_names)[:6]}..., the bundle "
-                        f"{list(bundle.labels)[:6]}...: they must be the same classes in the same order")
+                        f"{list(labels)[:6]}...: they must be the same classes in the same order")
     return data, split_of(bundle, data, split)
 
 
@@ -61,7 +61,7 @@ def analytic_speedup(bundle: Bundle, taken: np.ndarray, thresholds: list[float |
     return float(bundle.num_blocks / expected_cost(taken, blocks, [e.cost for e in bundle.exits], thresholds))
 
 
-def evaluate(rt: Runtime, inputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
+def evaluate(rt: Classifier, inputs: dict[str, np.ndarray], labels: np.ndarray) -> dict[str, Any]:
     """Early exit at the runtime's thresholds, measured against the full model on the same rows."""
     record = rt.record(inputs)
     thresholds = rt.thresholds

@@ -1,59 +1,45 @@
-"""Generative bundles: the rows of a split, each graph's time, quality and tokens per second.
+"""Generative bundles: the rows of a split, quality and tokens per second.
 
-Everything here drives the torch-free decoding loops (``runtimes.decoding``) through a ``Runtime``;
-``freedeploy calibrate``, ``eval`` and ``bench`` call it for bundles whose task is ``generate``.
+The decode-row measurement itself (every mode on the rows, each graph's time, predicted times) is
+``calibration.decode_rows``, which calibration shares; this module builds the rows from a data set
+and reports. ``freedeploy calibrate``, ``eval`` and ``bench`` call it for generative bundles.
 
 Speed is reported for the decode phase (the tokens after the first, which early exit and
 self-speculation change) and end to end (encode and prefill included, which every mode shares).
+Exits are named by block; a speculative ``draft`` is (draft block, draft length).
 """
 
 from __future__ import annotations
 
 import random
-import time
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from analysis.data import load_dataset
 from analysis.evaluation import certificate_dict, split_of
-from runtimes.decoding import (Decoded, Prefilled, full_decode, graph_key, greedy_decode, prefill,
-                               speculative_decode)
+from analysis.plots import exit_histogram_png
+from calibration.decode_rows import (GenRows, decode_rows, graph_times, mode_fn, predicted_seconds, prefill_rows,
+                                     token_mismatch)
+from calibration.generative import GRID, sweep
+from runtimes.bundle import Bundle, by_exit
+from runtimes.decoding import Decoded, DecodePlan
 from runtimes.errors import ConfigError, DataError
+from runtimes.records import VALIDATION_FILE, ValidationReport, read_json_record
+from runtimes.thresholds import NEVER
+from runtimes.generator import Generator
 
-__all__ = ["GenRows", "generation_rows", "graph_times", "graph_macs", "decode_rows", "quality", "predicted_seconds",
-           "evaluate_generation", "bench_generation", "call_ms", "SIZES", "plot_generation", "prefill_rows", "token_mismatch", "NEVER"]
-
-NEVER = 2.0  # a threshold no confidence reaches: the exit is asked and never fires
-
-
-@dataclass
-class GenRows:
-    spec: str
-    split: str
-    index: np.ndarray  # rows of the data set
-    images: list[np.ndarray]  # each (1, C, H, W), preprocessed
-    prompts: list[list[int]]  # each starts with BOS
-    refs: list[list[int]] | None  # the reference text's tokens and EOS, where the data has targets
-    max_new: int
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def subset(self, idx: Sequence[int]) -> "GenRows":
-        """These rows at positions ``idx``."""
-        return GenRows(self.spec, self.split, self.index[list(idx)], [self.images[i] for i in idx],
-                       [self.prompts[i] for i in idx], None if self.refs is None else [self.refs[i] for i in idx],
-                       self.max_new)
+__all__ = ["GenRows", "generation_rows", "recorded_macs", "quality", "evaluate_generation", "bench_generation",
+           "plot_generation"]
 
 
-def generation_rows(rt: Any, spec: str | None, split: str, limit: int | None = None, seed: int = 0) -> GenRows:
+
+def generation_rows(rt: Generator, spec: str | None, split: str, limit: int | None = None, seed: int = 0) -> GenRows:
     """Rows of ``split`` of the bundle's own image-to-text data (the exact split its model was trained
     with, checked by fingerprint) or of ``spec``; ``limit``: a fixed, seeded subset of at most that many."""
     bundle = rt.bundle
-    if bundle.decoder is None:
-        raise ConfigError(f"bundle {bundle.name!r} classifies; this needs a generative bundle")
+    plan, tok = rt.decoding()  # a ConfigError for a bundle that classifies
     source = (bundle.provenance.get("source") or {}).get("data") or {}
     spec = spec or source.get("spec")
     if not spec:
@@ -67,176 +53,58 @@ def generation_rows(rt: Any, spec: str | None, split: str, limit: int | None = N
         idx = np.sort(np.random.default_rng(seed).permutation(idx)[:limit])
     if len(idx) == 0:
         raise DataError(f"the {split} split of {spec!r} has no rows")
-    plan, tok = rt.decoding()
-    d = bundle.decoder
     images, prompts, refs = [], [], []
     for i in idx:
         image, prompt = data.items[i]
         words = tok.encode(prompt, add_special_tokens=False).ids if prompt and prompt.strip() else []
-        prompts.append([d.bos_id, *words])
+        prompts.append([plan.bos, *words])
         images.append(rt.encode([image])[plan.image_input])
         if data.targets is not None:
-            refs.append([*tok.encode(data.targets[i], add_special_tokens=False).ids, d.eos_id])
+            refs.append([*tok.encode(data.targets[i], add_special_tokens=False).ids, plan.eos])
     longest = max(len(p) for p in prompts)
-    max_new = d.max_positions - d.num_query_tokens - longest
+    max_new = plan.max_positions - plan.num_query_tokens - longest
     if max_new < 1:
-        raise DataError(f"a prompt of {longest} tokens leaves no room to generate in {d.max_positions} positions")
+        raise DataError(f"a prompt of {longest} tokens leaves no room to generate in {plan.max_positions} positions")
     return GenRows(spec, split, np.asarray(idx), images, prompts, refs if data.targets is not None else None, max_new)
 
 
-def graph_macs(rt: Any) -> dict[str, float]:
-    """Multiply-adds per new token of each decoding graph, from its weight matrices (MatMul and Gemm
-    with an initializer operand); attention over the cache is left out (small at these lengths)."""
-    import onnx
-
-    out: dict[str, float] = {}
-    b = rt.bundle
-    for g in b.graphs:
-        if g.key in (b.decoder.encode.key, b.decoder.prefill.key):
-            continue
-        model = onnx.load(str(b.path(g.files[rt.backend.precision])), load_external_data=False)
-        weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
-        macs = 0.0
-        for node in model.graph.node:
-            if node.op_type in ("MatMul", "Gemm"):
-                for name in node.input[1:2]:
-                    dims = weights.get(name)
-                    if dims is not None and len(dims) == 2:
-                        macs += float(dims[0] * dims[1])
-        out[g.key] = macs
-    return out
-
-
-SIZES = (1, 2, 4, 8, 16)  # new tokens per call at which every step graph is timed
-
-
-def graph_times(rt: Any, verify_sizes: Sequence[int] = (), rounds: int = 15, calls: int = 20,
-                past: int | None = None) -> dict[str, float]:
-    """Milliseconds per call of every decoding graph at batch 1, each on the loop's own bound buffers
-    with a past of ``past`` rows: ``key`` for one new token and ``key@n`` for ``n`` at once (a
-    verification, or the waiting rows recomputation carries along), for n in ``SIZES`` and
-    ``verify_sizes`` (the monolithic step); rounds interleave the graphs, the median round counts."""
-    plan, _ = rt.decoding()
-    b = rt.bundle
-    s = plan.acquire(rt.backend)
-    try:
-        length = past if past is not None else min(24, plan.max_positions // 2)
-        room = plan.max_positions - 1 - length
-        s.reset(length)
-        jobs: list[tuple[str, int, Callable[[], None]]] = []
-        source = plan.hidden_out[min(plan.hidden_out)] if plan.hidden_out else ""
-        steps = [g for st in b.stages for g in ((st.segment, st.exit.graph) if st.exit else (st.segment,))]
-        for n in sorted({*SIZES, *verify_sizes}):
-            if n > room:
-                continue
-            for g in [*steps, b.full] if n in SIZES else [b.full]:
-                jobs.append((graph_key(g.key, n), n, lambda g=g, n=n: s.run(g, n)))
-        for fill in plan.fills.values():
-            jobs.append((fill.key, 1, lambda g=fill: s.run(g, 1, source)))
-        for _, n, job in jobs:  # bind and warm up
-            s.place([plan.eos] * n)
-            job()
-            job()
-        times: dict[str, list[float]] = {key: [] for key, _, _ in jobs}
-        for _ in range(rounds):
-            for key, n, job in jobs:
-                s.place([plan.eos] * n)
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    job()
-                times[key].append((time.perf_counter() - t0) / calls * 1e3)
-    finally:
-        s.reset(0)
-        plan.release(s)
-    return {k: float(np.median(v)) for k, v in times.items()}
-
-
-def call_ms(ms: dict[str, float], key: str) -> float:
-    """One call's time: measured (``key`` or ``key@n``), else interpolated linearly in n between the
-    nearest measured sizes of that graph (extrapolated from the two largest beyond them)."""
-    got = ms.get(key)
-    if got is not None:
-        return got
-    base, _, n = key.partition("@")
-    sizes = sorted((int(k.partition("@")[2] or 1), v) for k, v in ms.items() if k.partition("@")[0] == base)
-    if not sizes:
-        return 0.0
-    if len(sizes) == 1:
-        return sizes[0][1]
-    x = int(n or 1)
-    lo, hi = sizes[0], sizes[1]
-    for a, c in zip(sizes, sizes[1:]):
-        lo, hi = a, c
-        if x <= c[0]:
-            break
-    return lo[1] + (hi[1] - lo[1]) * (x - lo[0]) / (hi[0] - lo[0])
-
-
-def predicted_seconds(out: Decoded, ms: dict[str, float]) -> float:
-    """The decode phase's time predicted from each graph's own time (``call_ms``) and the calls made."""
-    return sum(c * call_ms(ms, k) for k, c in out.graph_calls.items() if k not in ("encode", "prefill")) / 1e3
-
-
-def _mode_fn(rt: Any, mode: str, thresholds: Sequence[float | None] | None, draft: tuple[int, int] | None,
-             max_new: int) -> Callable[[np.ndarray, list[int], Prefilled | None], Decoded]:
-    plan, _ = rt.decoding()
-    b, be = rt.bundle, rt.backend
-    if mode == "full":
-        return lambda x, p, pre: full_decode(be, b, x, p, max_new, plan, pre)
-    if mode == "speculative":
-        j, n = draft or rt.speculative_defaults()
-        return lambda x, p, pre: speculative_decode(be, b, x, p, max_new, j, n, plan, pre)
-    th = list(rt.thresholds if thresholds is None else thresholds)
-    return lambda x, p, pre: greedy_decode(be, b, x, p, max_new, th, plan, pre)
-
-
-def decode_rows(rt: Any, rows: GenRows, mode: str = "exit", thresholds: Sequence[float | None] | None = None,
-                draft: tuple[int, int] | None = None, prefilled: Sequence[Prefilled] | None = None) -> list[Decoded]:
-    fn = _mode_fn(rt, mode, thresholds, draft, rows.max_new)
-    return [fn(rows.images[i], rows.prompts[i], None if prefilled is None else prefilled[i]) for i in range(len(rows))]
-
-
-def prefill_rows(rt: Any, rows: GenRows) -> list[Prefilled]:
-    plan, _ = rt.decoding()
-    return [prefill(rt.backend, rt.bundle, rows.images[i], rows.prompts[i], rows.max_new, plan)
-            for i in range(len(rows))]
-
-
-def token_mismatch(a: Sequence[int], b: Sequence[int]) -> float:
-    """The share of positions where two token sequences differ (a missing token differs), in [0, 1]."""
-    n = max(len(a), len(b))
-    if n == 0:
-        return 0.0
-    same = sum(x == y for x, y in zip(a, b))
-    return (n - same) / n
+def recorded_macs(bundle: Bundle) -> dict[str, float]:
+    """Multiply-adds per new token of each decoding graph, as export counted them (from the weight
+    matrices; ``DecodeCheck.graph_macs`` in the bundle's validation record); empty when the bundle's
+    export did not count them."""
+    path = bundle.path(VALIDATION_FILE)
+    if not path.is_file():
+        return {}
+    check = read_json_record(ValidationReport, path).decoding
+    return dict(check.graph_macs) if check is not None else {}
 
 
 def quality(outs: Sequence[Decoded], full: Sequence[Decoded], refs: Sequence[Sequence[int]] | None,
             blocks: Sequence[int], num_blocks: int) -> dict[str, Any]:
-    """Agreement with the full model's greedy text, and accuracy against the references."""
+    """Agreement with the full model's greedy text, accuracy against the references, and where the
+    tokens after the first left (by block; ``blocks``: the exits', ``num_blocks``: the final head)."""
     n = len(outs)
     same = [o.tokens == f.tokens for o, f in zip(outs, full)]
     token_agree = 1.0 - float(np.mean([token_mismatch(o.tokens, f.tokens) for o, f in zip(outs, full)]))
-    exits = np.concatenate([np.asarray(o.exits[1:], np.int64) for o in outs]) if n else np.zeros(0, np.int64)
-    depth = [blocks[e] if e < len(blocks) else num_blocks for e in exits]
-    share = np.bincount(exits, minlength=len(blocks) + 1) / max(1, len(exits))
+    taken = [blk for o in outs for blk in o.blocks[1:]]
+    share = [taken.count(blk) / max(1, len(taken)) for blk in (*blocks, num_blocks)]
     m: dict[str, Any] = {
         "n": n, "tokens": int(sum(len(o.tokens) for o in outs)),
         "sequence_agreement": float(np.mean(same)) if n else 0.0,
         "sequence_disagreement": 1.0 - float(np.mean(same)) if n else 0.0,
         "token_agreement": token_agree,
-        "mean_exit_block": float(np.mean(depth)) if len(depth) else float(num_blocks),
-        "token_share": {("final" if k == len(blocks) else str(blocks[k])): float(v) for k, v in enumerate(share)}}
+        "mean_exit_block": float(np.mean(taken)) if taken else float(num_blocks),
+        "token_share": by_exit(blocks, share)}
     if refs is not None:
         m["token_accuracy"] = 1.0 - float(np.mean([token_mismatch(o.tokens, r) for o, r in zip(outs, refs)]))
         m["exact_match"] = float(np.mean([o.tokens == list(r) for o, r in zip(outs, refs)]))
     return m
 
 
-def evaluate_generation(rt: Any, rows: GenRows, thresholds: Sequence[float | None] | None = None,
+def evaluate_generation(rt: Generator, rows: GenRows, thresholds: Sequence[float | None] | None = None,
                         draft: tuple[int, int] | None = None) -> dict[str, Any]:
     """Quality of the three modes on ``rows``: the full model, early exit at ``thresholds`` (the
-    bundle's by default) and self-speculation (its recorded draft exit and length by default)."""
+    bundle's by default) and self-speculation (``draft``: block and length, calibration's by default)."""
     b = rt.bundle
     blocks = [e.block for e in b.exits]
     th = list(rt.thresholds if thresholds is None else thresholds)
@@ -246,7 +114,7 @@ def evaluate_generation(rt: Any, rows: GenRows, thresholds: Sequence[float | Non
     early = decode_rows(rt, rows, "exit", th, prefilled=pre)
     spec = decode_rows(rt, rows, "speculative", draft=draft, prefilled=pre)
     return {"n": len(rows), "data": {"spec": rows.spec, "split": rows.split}, "thresholds": th,
-            "draft": {"exit": int(draft[0]), "block": int(blocks[draft[0]]), "length": int(draft[1])},
+            "draft": {"block": int(draft[0]), "length": int(draft[1])},
             "full": quality(full, full, rows.refs, blocks, b.num_blocks),
             "exit": quality(early, full, rows.refs, blocks, b.num_blocks),
             "speculative": quality(spec, full, rows.refs, blocks, b.num_blocks),
@@ -259,100 +127,101 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
             "p99": float(np.percentile(a, 99))}
 
 
-def bench_generation(rt: Any, rows: GenRows, thresholds: Sequence[float | None] | None = None,
-                     draft: tuple[int, int] | None = None, repeats: int = 1, seed: int = 0) -> dict[str, Any]:
+def _variants(rt: Generator, rows: GenRows, th: list[float | None],
+              draft: tuple[int, int]) -> dict[str, Callable[..., Decoded]]:
+    n, exits = rows.max_new, len(rt.bundle.exits)
+    variants = {"monolithic": mode_fn(rt, "full", None, None, n),
+                "early exit": mode_fn(rt, "exit", th, None, n),
+                f"speculative (exit {draft[0]}, drafts {draft[1]})": mode_fn(rt, "speculative", None, draft, n),
+                "chain, exits off": mode_fn(rt, "exit", [None] * exits, None, n)}
+    if any(t is not None for t in th):  # the worst case: every exit that is on is asked, none fires
+        variants["never exits"] = mode_fn(rt, "exit", [None if t is None else NEVER for t in th], None, n)
+    return variants
+
+
+def bench_generation(rt: Generator, rows: GenRows, thresholds: Sequence[float | None] | None = None,
+                     draft: tuple[int, int] | None = None, repeats: int = 1, seed: int = 0,
+                     macs: Mapping[str, float] | None = None) -> dict[str, Any]:
     """Batch-1 decoding, every variant on every row, interleaved in a seeded random order per row, in
     one process on the same cache and bound buffers: tokens per second (decode phase and end to end),
     milliseconds per sequence, prefill separately, calls and layers per token, analytic and
-    predicted-from-graph-times beside measured."""
+    predicted-from-graph-times beside measured. ``draft``: block and length; ``macs``: multiply-adds
+    per graph (``recorded_macs`` by default; without them the analytic columns are None)."""
     b = rt.bundle
-    blocks = [e.block for e in b.exits]
     th = list(rt.thresholds if thresholds is None else thresholds)
     draft = tuple(draft or rt.speculative_defaults())
-    variants: dict[str, Callable] = {
-        "monolithic": _mode_fn(rt, "full", None, None, rows.max_new),
-        "early exit": _mode_fn(rt, "exit", th, None, rows.max_new),
-        f"speculative (exit {blocks[draft[0]]}, drafts {draft[1]})": _mode_fn(rt, "speculative", None, draft,
-                                                                             rows.max_new),
-        "chain, exits off": _mode_fn(rt, "exit", [None] * len(blocks), None, rows.max_new)}
-    if any(t is not None for t in th):  # the worst case: every exit that is on is asked, none fires
-        variants["never exits"] = _mode_fn(rt, "exit", [None if t is None else NEVER for t in th], None, rows.max_new)
-    names = list(variants)
-    verify = range(2, draft[1] + 2)
-    ms = graph_times(rt, verify_sizes=verify)
-    macs = graph_macs(rt)
-    runs: dict[str, list[Decoded]] = {n: [] for n in names}
+    variants = _variants(rt, rows, th, draft)
+    ms = graph_times(rt, verify_sizes=range(2, draft[1] + 2))
+    macs = dict(recorded_macs(b) if macs is None else macs)
+    runs: dict[str, list[Decoded]] = {name: [] for name in variants}
     for i in range(min(3, len(rows))):  # warm up: bind every graph at the lengths the rows reach
         for fn in variants.values():
             fn(rows.images[i], rows.prompts[i], None)
     rng = random.Random(seed)
     for _ in range(repeats):
         for i in range(len(rows)):
-            order = names[:]
+            order = list(variants)
             rng.shuffle(order)
             for name in order:
                 runs[name].append(variants[name](rows.images[i], rows.prompts[i], None))
-    base = runs["monolithic"]
-    full_macs = macs.get(b.full.key, 0.0)
-    layer_macs = _layer_macs(rt, macs)
     report: dict[str, Any] = {"n": len(rows), "repeats": repeats, "data": {"spec": rows.spec, "split": rows.split},
-                              "thresholds": th, "draft": {"exit": int(draft[0]), "block": int(blocks[draft[0]]),
-                                                          "length": int(draft[1])},
+                              "thresholds": th, "draft": {"block": int(draft[0]), "length": int(draft[1])},
                               "graph_ms": ms, "graph_macs": macs, "variants": {}}
-    base_decode = base_e2e = 0.0
-    for name in names:
-        outs = runs[name]
-        new = sum(len(o.tokens) - 1 for o in outs)
-        decode_s = sum(o.seconds - o.prefill_seconds for o in outs)
-        total_s = sum(o.seconds for o in outs)
-        tokens = sum(len(o.tokens) for o in outs)
-        predicted = sum(predicted_seconds(o, ms) for o in outs)
-        work = sum(c * macs.get(k.split("@")[0], 0.0) * (int(k.split("@")[1]) if "@" in k else 1)
-                   for o in outs for k, c in o.graph_calls.items() if k not in ("encode", "prefill"))
-        calls = sum(c for o in outs for k, c in o.graph_calls.items() if k not in ("encode", "prefill"))
-        v = {"decode_tokens_per_s": new / decode_s if decode_s > 0 else 0.0,
-             "tokens_per_s": tokens / total_s if total_s > 0 else 0.0,
-             "ms_per_sequence": _stats([o.seconds for o in outs]),
-             "prefill_ms": _stats([o.prefill_seconds for o in outs]),
-             "decode_ms_per_token": 1e3 * decode_s / max(1, new),
-             "calls_per_token": calls / max(1, new),
-             "layers_per_token": work / max(1, new) / layer_macs if layer_macs else None,
-             "analytic_cost": work / max(1, new) / full_macs if full_macs else None,
-             "predicted_ms_per_token": 1e3 * predicted / max(1, new),
-             "measured_over_predicted": decode_s / predicted if predicted > 0 else None,
-             "identical_to_monolithic": int(sum(o.tokens == f.tokens for o, f in zip(outs, base))),
-             "quality": quality(outs, base, None if rows.refs is None else [rows.refs[i % len(rows)]
-                                                                             for i in range(len(outs))],
-                                blocks, b.num_blocks)}
-        if name == "monolithic":
-            base_decode, base_e2e = v["decode_tokens_per_s"], v["tokens_per_s"]
-        v["decode_speedup"] = v["decode_tokens_per_s"] / base_decode if base_decode else None
-        v["speedup"] = v["tokens_per_s"] / base_e2e if base_e2e else None
+    base = runs["monolithic"]
+    refs = None if rows.refs is None else [rows.refs[i % len(rows)] for i in range(len(base))]
+    scale = (macs.get(b.full.key, 0.0), _layer_macs(rt.decoding()[0], macs))
+    for name, outs in runs.items():
+        report["variants"][name] = v = _variant(outs, base, refs, ms, macs, scale, b)
+        first = report["variants"]["monolithic"]
+        v["decode_speedup"] = v["decode_tokens_per_s"] / first["decode_tokens_per_s"] \
+            if first["decode_tokens_per_s"] else None
+        v["speedup"] = v["tokens_per_s"] / first["tokens_per_s"] if first["tokens_per_s"] else None
         v["analytic_speedup"] = 1.0 / v["analytic_cost"] if v["analytic_cost"] else None
-        report["variants"][name] = v
     report["certificate"] = certificate_dict(rt)
     report["backend"] = rt.backend.describe()
     return report
 
 
-def _layer_macs(rt: Any, macs: dict[str, float]) -> float:
+def _variant(outs: list[Decoded], base: list[Decoded], refs: list[list[int]] | None, ms: dict[str, float],
+             macs: dict[str, float], scale: tuple[float, float], b: Bundle) -> dict[str, Any]:
+    """One variant's row of the bench report; ``scale``: the monolithic step's and one layer's work."""
+    full_macs, layer_macs = scale
+    once = ("encode", "prefill")
+    new = sum(len(o.tokens) - 1 for o in outs)
+    decode_s = sum(o.seconds - o.prefill_seconds for o in outs)
+    total_s = sum(o.seconds for o in outs)
+    tokens = sum(len(o.tokens) for o in outs)
+    predicted = sum(predicted_seconds(o, ms) for o in outs)
+    work = sum(c * macs.get(k.split("@")[0], 0.0) * (int(k.split("@")[1]) if "@" in k else 1)
+               for o in outs for k, c in o.graph_calls.items() if k not in once)
+    calls = sum(c for o in outs for k, c in o.graph_calls.items() if k not in once)
+    return {"decode_tokens_per_s": new / decode_s if decode_s > 0 else 0.0,
+            "tokens_per_s": tokens / total_s if total_s > 0 else 0.0,
+            "ms_per_sequence": _stats([o.seconds for o in outs]),
+            "prefill_ms": _stats([o.prefill_seconds for o in outs]),
+            "decode_ms_per_token": 1e3 * decode_s / max(1, new),
+            "calls_per_token": calls / max(1, new),
+            "layers_per_token": work / max(1, new) / layer_macs if layer_macs else None,
+            "analytic_cost": work / max(1, new) / full_macs if full_macs else None,
+            "predicted_ms_per_token": 1e3 * predicted / max(1, new),
+            "measured_over_predicted": decode_s / predicted if predicted > 0 else None,
+            "identical_to_monolithic": int(sum(o.tokens == f.tokens for o, f in zip(outs, base))),
+            "quality": quality(outs, base, refs, [e.block for e in b.exits], b.num_blocks)}
+
+
+def _layer_macs(plan: DecodePlan, macs: dict[str, float]) -> float:
     """Multiply-adds of one decoder layer per token: the segments' work over their layers."""
-    plan, _ = rt.decoding()
-    per = [macs[s.segment.key] / len(plan.new[s.segment.key]) for s in rt.bundle.stages
+    per = [macs[s.segment.key] / len(plan.new[s.segment.key]) for s in plan.stages
            if s.exit is not None and plan.new[s.segment.key] and s.segment.key in macs]
     return float(np.median(per)) if per else 0.0
 
 
-def plot_generation(rt: Any, rows: GenRows, out_dir: Any, limit: int = 100) -> list[Any]:
+def plot_generation(rt: Generator, rows: GenRows, out_dir: str | Path, limit: int = 100) -> list[Path]:
     """``speedup_agreement.png`` (a threshold sweep with the exits the bundle keeps on: predicted
     decode speed-up from each graph's time against sequence agreement with the full model) and
     ``exit_histogram.png`` (where tokens leave at the bundle's thresholds)."""
-    from pathlib import Path
-
-    from calibration.generative import GRID, sweep
-
     try:
-        import matplotlib
+        import matplotlib  # optional: the plot extra
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -385,6 +254,4 @@ def plot_generation(rt: Any, rows: GenRows, out_dir: Any, limit: int = 100) -> l
     fig.savefig(first, dpi=120)
     plt.close(fig)
     q = quality(decode_rows(rt, sub, "exit", prefilled=pre), full, None, blocks, b.num_blocks)
-    from analysis.plots import exit_histogram_png
-
     return [first, exit_histogram_png(out_dir, q["token_share"], "generated tokens")]

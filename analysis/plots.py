@@ -17,14 +17,14 @@ from analysis.evaluation import analytic_speedup
 from analysis.metrics import exit_share
 from calibration.thresholds import exit_decisions
 from runtimes.errors import ConfigError
-from runtimes.runtime import Runtime
+from runtimes.classifier import Classifier
 
 __all__ = ["SWEEP", "threshold_sweep", "plot_all"]
 
 SWEEP = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999, 0.9999)  # shared max-softmax thresholds
 
 
-def threshold_sweep(rt: Runtime, inputs: dict[str, np.ndarray], labels: np.ndarray, runs: int = 60,
+def threshold_sweep(rt: Classifier, inputs: dict[str, np.ndarray], labels: np.ndarray, runs: int = 60,
                     thresholds: Sequence[float] = SWEEP) -> dict[str, Any]:
     """Accuracy (on every given sample) and measured speed-up (mean batch-1 latency, interleaved
     with the monolithic graph) for each shared threshold and for the bundle's own thresholds."""

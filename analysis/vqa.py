@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from analysis.dataset import Dataset, digit_images
 from analysis.jsonl import jsonl_objects
 from runtimes.errors import DataError
 
@@ -56,9 +57,7 @@ def digit_questions(digit: int, rng: np.random.Generator, n: int = QUESTIONS_PER
     return out
 
 
-def _build(spec: str, items: list[Any], answers: list[str], groups: list[int], names: tuple[str, ...]) -> Any:
-    from analysis.data import Dataset
-
+def _build(spec: str, items: list[Any], answers: list[str], groups: list[int], names: tuple[str, ...]) -> Dataset:
     if not items:
         raise DataError(f"data set {spec!r} is empty")
     index = {n: i for i, n in enumerate(names)}
@@ -68,9 +67,7 @@ def _build(spec: str, items: list[Any], answers: list[str], groups: list[int], n
     return Dataset(spec, "image-text", items, labels, names, groups=np.asarray(groups, dtype=np.int64))
 
 
-def load_vqa_digits(spec: str) -> Any:
-    from analysis.data import digit_images
-
+def load_vqa_digits(spec: str) -> Dataset:
     images, digits = digit_images("vqa-digits")
     rng = np.random.default_rng(_SEED)
     items, answers, groups = [], [], []
@@ -82,7 +79,7 @@ def load_vqa_digits(spec: str) -> Any:
     return _build(spec, items, answers, groups, DIGIT_ANSWERS)
 
 
-def load_vqa_jsonl(spec: str, path: Path) -> Any:
+def load_vqa_jsonl(spec: str, path: Path) -> Dataset:
     """Rows of ``{"image", "question", "answer"}``; answers become the classes, sorted."""
     if not path.is_file():
         raise DataError(f"VQA file {path} does not exist")

@@ -33,9 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.evaluation import bundle_split  # noqa: E402
-from analysis.serving import ServerProcess, load_test  # noqa: E402
+from serving.bench import ServerProcess, load_test  # noqa: E402
 from runtimes.bundle import load_bundle  # noqa: E402
-from runtimes.serve.client import Client  # noqa: E402
+from serving.client import Client  # noqa: E402
 
 SETTINGS = {"batching + early exit": (), "batching, no early exit": ("--no-early-exit",),
             "no batching, early exit": ("--no-batching",),

@@ -23,12 +23,12 @@ from runtimes.atomic import exclusive
 from runtimes.bundle import by_exit, load_bundle, save_bundle
 from runtimes.records import Certificate, ExitChoice, StageCosts
 from runtimes.errors import CalibrationError, ConfigError
-from runtimes.runtime import Runtime
+from runtimes.classifier import Classifier
 
 __all__ = ["calibrate_runtime", "write_calibration"]
 
 
-def calibrate_runtime(rt: Runtime, inputs: dict[str, np.ndarray], delta: float, epsilon: float,
+def calibrate_runtime(rt: Classifier, inputs: dict[str, np.ndarray], delta: float, epsilon: float,
                       labels: np.ndarray | None = None, latency_budget_ms: float | None = None,
                       data: dict[str, Any] | None = None, cost_samples: int = 32,
                       paths: tuple[str, ...] = ("shared",), select_exits: bool = False,
@@ -68,7 +68,7 @@ def calibrate_runtime(rt: Runtime, inputs: dict[str, np.ndarray], delta: float, 
                        path=c.path, grid_index=c.index, calibration_risk=c.risk)
 
 
-def _select_exits(rt: Runtime, conf: np.ndarray, pred: np.ndarray, delta: float, epsilon: float, costs: StageCosts,
+def _select_exits(rt: Classifier, conf: np.ndarray, pred: np.ndarray, delta: float, epsilon: float, costs: StageCosts,
                   labels: np.ndarray | None, paths: tuple[str, ...], fraction: float,
                   seed: int) -> tuple[Candidate, dict[str, Any]]:
     pick = select_and_certify(conf, pred, delta, epsilon, costs.segments, costs.exits, labels, paths, fraction, seed)
@@ -94,7 +94,7 @@ def _certified(sel: Selection, delta: float, epsilon: float, what: str = "sample
     return sel.chosen
 
 
-def _expected(rt: Runtime, thresholds: tuple[float | None, ...], conf: np.ndarray, costs: StageCosts) -> dict[str, Any]:
+def _expected(rt: Classifier, thresholds: tuple[float | None, ...], conf: np.ndarray, costs: StageCosts) -> dict[str, Any]:
     taken = exit_decisions(conf, thresholds)
     ms = expected_cost(taken, costs.segments, costs.exits, thresholds)
     share = np.bincount(taken, minlength=conf.shape[1]) / len(taken)

@@ -1,5 +1,5 @@
 """Send images to one or more servers of the same bundle (``freedeploy serve``), spread and failed
-over by ``runtimes.serve.client.Fleet``; numpy and the standard library only, any numpy version.
+over by ``serving.client.Fleet``; numpy and the standard library only, any numpy version.
 
     python examples/fleet_client.py MODEL URL[,URL...] IMAGE_OR_FOLDER... [--threads N]
 
@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runtimes.errors import FreedeployError
-from runtimes.serve.client import Fleet
+from serving.client import Fleet
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 

@@ -12,7 +12,11 @@ Validation, every failure collected:
   tolerance);
 - greedy decoding by the chained ONNX graphs equals the torch reference
   (``freedeploy.generative.decode.greedy``, itself tested against Hugging Face ``generate``) token
-  for token on every test sample, with exits off and with every exit on at a fixed threshold.
+  for token and exit for exit on every test sample, with exits off, and with every exit on at a fixed
+  threshold for both KV rules: recomputation (the runtime's default) and state propagation.
+
+The validation record also counts each decoding graph's multiply-adds (``graph_macs``), which
+benchmarks report analytic work with.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import onnx
 import torch
 
 from exporters.config import ExportConfig
@@ -36,8 +41,9 @@ from exporters.validate import REFERENCE_THRESHOLD
 from runtimes import naming
 from runtimes.atomic import atomic_directory
 from runtimes.backends.onnxruntime import OrtBackend
-from runtimes.bundle import BUNDLE_DIR, FINAL_DECISION, BatchSpec, Bundle, load_bundle
+from runtimes.bundle import BUNDLE_DIR, FINAL_DECISION, BatchSpec, Bundle, by_exit, load_bundle
 from runtimes.decoding import DecodePlan, greedy_decode
+from runtimes.genconfig import KVRule
 from runtimes.errors import ConfigError, ValidationError
 from runtimes.plan import GraphLayout, decoder_bundle, decoder_layout
 from runtimes.preprocess import Spec
@@ -47,8 +53,9 @@ __all__ = ["DecoderExportData", "DecoderExportResult", "export_decoder_bundle"]
 
 log = logging.getLogger(__name__)
 DECODER_TARGETS = ("onnx", "trt-fp32")  # fp16 / int8 decoder graphs: not built yet
-# the torch reference decoder: (image (1, C, H, W), prompt ids, max_new, thresholds) -> .tokens and .exits
-Reference = Callable[[torch.Tensor, Sequence[int], int, Sequence[float | None]], Any]
+# the torch reference decoder: (image (1, C, H, W), prompt ids, max_new, thresholds, kv=KV rule) -> .tokens and
+# .exits (exit indices, the number of exits for the final head)
+Reference = Callable[..., Any]
 
 
 @dataclass
@@ -192,20 +199,67 @@ def _compare(bundle: Bundle, model: Any, backend: OrtBackend, feeds_list: Sequen
     return rows, failures
 
 
+def _agrees(got: Any, reference: Reference, image: np.ndarray, prompt: list[int], max_new: int,
+            thresholds: Sequence[float | None], kv: KVRule, blocks: Sequence[int]) -> bool:
+    """Whether ``got`` (the chain's decoding) is the torch reference's with the same KV rule, token for
+    token and block for block."""
+    ref = reference(torch.from_numpy(image), prompt, max_new, thresholds, kv=kv)
+    return got.tokens == ref.tokens and got.blocks == [blocks[e] for e in ref.exits]
+
+
 def _decode_parity(bundle: Bundle, reference: Reference, backend: OrtBackend, data: DecoderExportData,
-                   thresholds: Sequence[float | None]) -> tuple[int, int, dict[str, int]]:
-    plan, tokens, mismatched, taken = DecodePlan(bundle), 0, 0, {}
+                   thresholds: Sequence[float | None],
+                   kv: KVRule | str = KVRule.RECOMPUTE) -> tuple[int, int, dict[str, int]]:
+    """(tokens, sequences that differ from torch, tokens per exit block) of greedy decoding by the
+    chained graphs with the KV rule ``kv``."""
+    plan, tokens, mismatched, rule = DecodePlan(bundle), 0, 0, KVRule.parse(kv)
+    blocks = [*plan.exit_blocks, plan.num_blocks]
+    taken = dict.fromkeys(by_exit(plan.exit_blocks, blocks), 0)
     for i, prompt in enumerate(data.prompts):
         image = data.images[i:i + 1]
-        ref = reference(torch.from_numpy(image), prompt, data.max_new, thresholds)
-        got = greedy_decode(backend, bundle, image, prompt, data.max_new, thresholds=thresholds, plan=plan,
-                            kv="propagate")  # the reference's rule
-        tokens += len(ref.tokens)
-        if got.tokens != ref.tokens or got.exits != ref.exits:
-            mismatched += 1
-        for e in got.exits:
-            taken[str(e)] = taken.get(str(e), 0) + 1
+        got = greedy_decode(backend, bundle, image, prompt, data.max_new, thresholds=thresholds, plan=plan, kv=rule)
+        tokens += len(got.tokens)
+        mismatched += not _agrees(got, reference, image, prompt, data.max_new, thresholds, rule, blocks)
+        for block in got.blocks:
+            key = "final" if block == plan.num_blocks else str(block)
+            taken[key] += 1
     return tokens, mismatched, taken
+
+
+def graph_macs(bundle: Bundle) -> dict[str, float]:
+    """Multiply-adds per new token of each decoding graph (encode and prefill left out), from its fp32
+    weight matrices (MatMul and Gemm with a 2-D initializer operand); attention over the cache is left
+    out (small at these lengths)."""
+    plan, out = DecodePlan(bundle), {}
+    for g in plan.step_graphs():
+        model = onnx.load(str(bundle.path(g.files["fp32"])), load_external_data=False)
+        weights = {t.name: tuple(t.dims) for t in model.graph.initializer}
+        macs = 0.0
+        for node in model.graph.node:
+            dims = weights.get(node.input[1]) if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 else None
+            if dims is not None and len(dims) == 2:
+                macs += float(dims[0] * dims[1])
+        out[g.key] = macs
+    return out
+
+
+def _validate_decoding(bundle: Bundle, reference: Reference, backend: OrtBackend, data: DecoderExportData,
+                       exits: int, say: Callable[[str], None]) -> tuple[DecodeCheck, list[str]]:
+    """Greedy decoding of the test samples against torch: exits off, then every exit on for each KV rule."""
+    n = len(data.prompts)
+    say(f"greedy decoding of {n} test samples, ONNX chain vs torch, exits off")
+    n_off, bad_off, _ = _decode_parity(bundle, reference, backend, data, [None] * exits)
+    on = [REFERENCE_THRESHOLD] * exits
+    say(f"... and with every exit on at threshold {REFERENCE_THRESHOLD}, recomputing skipped layers")
+    n_on, bad_on, taken = _decode_parity(bundle, reference, backend, data, on, KVRule.RECOMPUTE)
+    say("... and propagating their state")
+    n_prop, bad_prop, _ = _decode_parity(bundle, reference, backend, data, on, KVRule.PROPAGATE)
+    failures = [f"{what}: {bad} of {n} greedy sequences differ from torch"
+                for what, bad in (("exits off", bad_off), ("exits on, recomputed", bad_on),
+                                  ("exits on, propagated", bad_prop)) if bad]
+    check = DecodeCheck(n, data.max_new, n_off, bad_off, REFERENCE_THRESHOLD, n_on, bad_on, taken,
+                        KVRule.RECOMPUTE.value, n_prop, bad_prop, graph_macs(bundle))
+    return check, failures
 
 
 def export_decoder_bundle(model: Any, *, data: DecoderExportData, out: Path, cfg: ExportConfig, preprocess: Spec,
@@ -248,22 +302,14 @@ def export_decoder_bundle(model: Any, *, data: DecoderExportData, out: Path, cfg
                 feeds = _feeds(model, layout, data, list(range(batch)), extra=extra, new=2, pad=pad)
                 cases.append((batch, int(feeds[naming.PAST_MASK].shape[1]), feeds))
             rows, failures = _compare(bundle, model, backend, cases, cfg.tolerance)
-            say(f"greedy decoding of {len(data.prompts)} test samples, ONNX chain vs torch, exits off")
-            n_off, bad_off, _ = _decode_parity(bundle, reference, backend, data, [None] * len(model.exits))
-            say(f"... and with every exit on at threshold {REFERENCE_THRESHOLD}")
-            n_on, bad_on, taken = _decode_parity(bundle, reference, backend, data,
-                                                 [REFERENCE_THRESHOLD] * len(model.exits))
-            if bad_off:
-                failures.append(f"exits off: {bad_off} of {len(data.prompts)} greedy sequences differ from torch")
-            if bad_on:
-                failures.append(f"exits on: {bad_on} of {len(data.prompts)} greedy sequences differ from torch")
+            decoding, bad = _validate_decoding(bundle, reference, backend, data, len(model.exits), say)
+            failures += bad
             if failures:
                 raise ValidationError(f"{len(failures)} validation failure(s): " + "; ".join(failures[:5]) +
                                       ("; ..." if len(failures) > 5 else "") + " (use --no-validate to keep the bundle)")
             floats = [r.max_abs_diff for r in rows if not r.output.endswith("prediction")]
             validation = ValidationReport(cfg.target, True, cfg.tolerance, tuple(rows), (), max(floats, default=0.0),
-                                          decoding=DecodeCheck(len(data.prompts), data.max_new, n_off, bad_off,
-                                                               REFERENCE_THRESHOLD, n_on, bad_on, taken))
+                                          decoding=decoding)
             timings["validation_s"] = time.perf_counter() - t1
         (tmp / VALIDATION_FILE).write_text(json.dumps(validation.to_dict(), indent=2) + "\n")
         bundle = write_manifest(tmp, bundle)

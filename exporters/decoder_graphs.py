@@ -6,7 +6,7 @@ this package does not import freedeploy) and compute every decision in fp32 in t
 logits, the confidence (max softmax) and the greedy token.
 
 Keys and values travel as (batch, tokens, hidden) per layer: the graphs take the past and return
-only the new tokens' entries, and the caller keeps the cache (see the README for why).
+only the new tokens' entries, and the caller keeps the cache (why: docs/generative.md, "The bundle").
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from runtimes.bundle import Bundle, load_bundle
 from runtimes.records import ENGINE_PRECISIONS, EngineSet, GraphBuild
 from runtimes.errors import BundleError, ConfigError, ExportError
 
-__all__ = ["DeviceInfo", "BuildResult", "PlanBuild", "detect_device", "target_key", "profile_for", "decoder_dims",
+__all__ = ["DeviceInfo", "BuildResult", "PlanBuild", "detect_device", "target_key", "profile_for",
            "onnx2plan", "build_engines", "read_build", "list_engine_sets", "TIMING_CACHE"]
 
 log = logging.getLogger(__name__)
@@ -71,20 +71,11 @@ def _import_tensorrt() -> Any:
     return import_tensorrt()
 
 
-def decoder_dims(bundle: Bundle) -> dict[str, tuple[int, int, int]]:
-    """(min, opt, max) of a decoder's named axes: the prompt, the new tokens of a step and the past,
-    bounded by the model's positions (the image prefix takes ``num_query_tokens`` of them)."""
-    d = bundle.decoder
-    room = d.max_positions - d.num_query_tokens
-    return {"prompt": (1, min(16, room), room), "new": (1, 1, d.max_positions),
-            "past": (1, min(d.max_positions - 1, d.num_query_tokens + 32), d.max_positions - 1)}
-
-
 def profile_for(bundle: Bundle, graph_key: str) -> Profile:
     """One optimization profile: the bundle's (min, opt, max) batch on the batch axis, fixed sizes elsewhere;
-    a decoder's named axes (``decoder_dims``) over their whole range, tuned for one new token per step."""
+    a decoder's named axes (``DecoderHead.axis_ranges``) over their whole range, tuned for one new token per step."""
     b = bundle.batch
-    named = decoder_dims(bundle) if bundle.decoder is not None else {}
+    named = bundle.head.axis_ranges()
     profile: Profile = {}
     for t in bundle.graph(graph_key).inputs:
         dims = []
@@ -220,9 +211,10 @@ def build_engines(bundle_dir: Path, precision: str, *, workspace_gb: float = Bui
     if precision not in ENGINE_PRECISIONS:
         raise ConfigError(f"TensorRT builds {', '.join(ENGINE_PRECISIONS)}, not {precision!r} "
                           "(int8-heads runs on ONNX Runtime only: TensorRT does not parse its integer MatMul)")
-    if bundle.decoder is not None and precision != "fp32":
-        raise ConfigError(f"bundle {bundle.name!r} generates text: its engines are built from fp32 graphs for now "
-                          "(freedeploy build BUNDLE --target trt-fp32)")
+    if precision not in bundle.head.engine_precisions:
+        raise ConfigError(f"bundle {bundle.name!r} ({bundle.task}): its engines are built from "
+                          f"{', '.join(bundle.head.engine_precisions)} graphs for now "
+                          f"(freedeploy build BUNDLE --target trt-{bundle.head.engine_precisions[0]})")
     if precision not in bundle.precisions:
         raise ConfigError(f"bundle {bundle.name!r} has no {precision} ONNX (it has {', '.join(bundle.precisions)}): "
                           f"export it with `freedeploy export RUN --target trt-{precision}`")

@@ -16,6 +16,8 @@ from typing import Any, Callable
 from torch import nn
 
 from freedeploy.adapters import Adapter, adapter_for_config
+from freedeploy.architectures import build_from_config
+from freedeploy.rundir import load_run
 from freedeploy.vision_language import vilt_tiny  # also registers the ViLT adapter
 from runtimes.errors import ModelError
 
@@ -90,20 +92,6 @@ def preset_names() -> list[str]:
     return sorted(PRESETS)
 
 
-def build_from_config(config: Any) -> tuple[nn.Module, Adapter]:
-    """A freshly initialised classification model for a transformers config, with eager attention.
-
-    Eager attention is used everywhere: it exports to plain MatMul/Softmax ONNX that TensorRT fuses
-    itself, and its additive mask is what the exported segments rebuild in-graph.
-    """
-    import transformers
-
-    adapter = adapter_for_config(config)
-    config._attn_implementation = "eager"
-    hf = getattr(transformers, adapter.model_class)(config)
-    return hf.eval(), adapter
-
-
 def _label_maps(label_names: tuple[str, ...]) -> dict[str, Any]:
     return {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
             "label2id": {n: i for i, n in enumerate(label_names)}}
@@ -128,8 +116,6 @@ def load_backbone(spec: str, label_names: tuple[str, ...], overrides: dict[str, 
 
 def _load_run_backbone(spec: str, label_names: tuple[str, ...]) -> Backbone:
     """An earlier run's fine-tuned backbone and final head; its exit heads are rebuilt."""
-    from freedeploy.rundir import load_run
-
     model, info = load_run(spec)
     if info.labels != label_names:
         raise ModelError(f"run dir {spec} was trained on labels {list(info.labels)[:5]}..., "

@@ -20,12 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from analysis.data import Dataset, load_dataset, split_digest
+from freedeploy.architectures import build_from_config
 from freedeploy.model import EarlyExitModel
 from runtimes.atomic import Replaceable
-from runtimes.errors import ModelError
+from runtimes.errors import DataError, ModelError
 from runtimes.preprocess import Spec, spec_from_dict
 
-__all__ = ["RunInfo", "save_run", "load_run", "RUN_FORMAT_VERSION"]
+__all__ = ["RunInfo", "save_run", "load_run", "run_split", "RUN_FORMAT_VERSION"]
 
 RUN_FORMAT_VERSION = 1
 MANIFEST = "freedeploy.json"
@@ -52,6 +56,20 @@ class RunInfo:
 
     def splits(self) -> dict[str, list[int]]:
         return json.loads((self.path / "splits.json").read_text())
+
+
+def run_split(info: RunInfo, split: str, data_spec: str | None = None) -> tuple[Dataset, np.ndarray]:
+    """The data set and row indices of one split of a run, checked against the run's fingerprint."""
+    data = load_dataset(data_spec or info.data["spec"])
+    splits = info.splits()
+    if split not in splits:
+        raise DataError(f"run {info.path} has no split {split!r}; it has {sorted(splits)}")
+    idx = np.asarray(splits[split], dtype=np.int64)
+    if data_spec is None and split_digest(idx) != info.data["split_digests"].get(split, split_digest(idx)):
+        raise DataError(f"the {split} split of {info.path} does not match its recorded fingerprint")
+    if len(idx) and idx.max() >= len(data):
+        raise DataError(f"data set {data.spec!r} has {len(data)} rows, fewer than run {info.path} was trained on")
+    return data, idx
 
 
 def save_run(directory: Path, model: EarlyExitModel, manifest: dict[str, Any], splits: dict[str, Any],
@@ -96,8 +114,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def load_run(path: str | os.PathLike) -> tuple[EarlyExitModel, RunInfo]:
     """Rebuild the trained early-exit model from a run dir; returns it in eval mode."""
     import transformers
-
-    from freedeploy.backbones import build_from_config
 
     path = Path(path)
     manifest = read_manifest(path)

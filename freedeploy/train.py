@@ -7,9 +7,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import platform
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,7 +25,9 @@ from freedeploy.free import ExitObjective, LossWeights
 from freedeploy.inputs import Encoder, make_preprocess
 from freedeploy.model import EarlyExitModel, additive_mask, check_exits
 from freedeploy.rundir import RUN_DIR, save_run
-from freedeploy.settings import AUGMENTS, AUTO, TRAIN_PRECISIONS, TrainConfig, finetune_defaults
+from freedeploy.settings import AUGMENTS, AUTO, TrainConfig, finetune_defaults
+from freedeploy.training import (TrainResult, default_exits, lr_schedule, notify, progress_bar, random_shift,
+                                 read_paths, resolve_precision, versions)
 from runtimes.preprocess import ImageSpec
 from runtimes.atomic import atomic_directory, check_target
 from runtimes.errors import ConfigError
@@ -34,20 +35,6 @@ from runtimes.errors import ConfigError
 __all__ = ["TrainConfig", "TrainResult", "train", "default_exits"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    out: Path
-    metrics: dict[str, Any]
-    resolved: dict[str, Any]
-    seconds: float
-    ranks: list[str] = field(default_factory=list)  # per-rank weight digests (all equal under DDP)
-
-
-def default_exits(num_blocks: int) -> tuple[int, ...]:
-    """Quarter points of the depth (8 blocks -> 2, 4, 6), deduplicated and kept in range."""
-    return tuple(sorted({min(num_blocks - 1, max(1, round(num_blocks * q / 4))) for q in (1, 2, 3)}))
 
 
 def _resolve(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
@@ -70,45 +57,11 @@ def _resolve(cfg: TrainConfig, backbone: Backbone) -> TrainConfig:
                           "(--finetune-epochs > 0)")
     lr = default_lr if cfg.finetune_lr is None else cfg.finetune_lr
     return replace(cfg, exits=exits, finetune_epochs=epochs, finetune_lr=lr, augment=augment,
-                   precision=_precision(cfg.precision, cfg.device))
-
-
-def _precision(requested: str, device: str) -> str:
-    """bf16 autocast on GPUs that support it and on CPUs with AMX or AVX512-BF16 (1.8x faster for
-    vit-tiny on such a CPU); fp32 elsewhere, where bf16 would be emulated and slow."""
-    if requested != AUTO and requested not in TRAIN_PRECISIONS:
-        raise ConfigError(f"precision must be {AUTO} or one of {', '.join(TRAIN_PRECISIONS)}, got {requested!r}")
-    if requested != AUTO:
-        return requested
-    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    cpu = torch.cpu
-    fast = any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-    return "bf16" if fast else "fp32"
+                   precision=resolve_precision(cfg.precision, cfg.device))
 
 
 def _autocast(cfg: TrainConfig, ctx: DistContext) -> Any:
     return torch.autocast(device_type=ctx.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-
-
-def _schedule(opt: torch.optim.Optimizer, steps: int, warmup: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to zero."""
-    w = max(1, int(steps * warmup))
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / w if s < w else 0.5 * (1 + math.cos(math.pi * (s - w) / max(1, steps - w))))
-
-
-def random_shift(x: torch.Tensor, fill: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Pad-and-crop augmentation: shift each image by up to 1/16 of its size, filling with black.
-
-    x: (B, C, H, W) normalised pixels; fill: (C,) the normalised value of a black pixel.
-    """
-    b, c, h, w = x.shape
-    m = max(1, min(h, w) // 16)  # mild: 2 px at 32 px, 14 px at 224 px
-    padded = fill.view(1, c, 1, 1).expand(b, c, h + 2 * m, w + 2 * m).clone()
-    padded[:, :, m:m + h, m:m + w] = x
-    offsets = torch.randint(0, 2 * m + 1, (b, 2), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy:dy + h, dx:dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 class _Batches:
@@ -133,17 +86,6 @@ def _to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str,
     return {k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
 
 
-def _bar(total: int, desc: str, enabled: bool) -> Any:
-    import sys
-
-    from tqdm.auto import tqdm
-
-    # a terminal gets a live bar; a log file (CI, nohup) gets a line every 30 s instead of thousands
-    live = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=False, dynamic_ncols=True,
-                mininterval=0.1 if live else 30.0)
-
-
 def finetune(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool: np.ndarray, cfg: TrainConfig,
              ctx: DistContext, ckpt: Checkpoints, saved: Saved | None) -> None:
     """Stage 1: backbone + final head on the labelled rows, plain cross-entropy."""
@@ -152,12 +94,12 @@ def finetune(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool: n
     hf = model.hf.train()
     net = ctx.wrap(hf)
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, steps, cfg.warmup)
+    sched = lr_schedule(opt, steps, cfg.warmup)
     start = _restore(saved, 1, model, {"opt": opt}, sched)
     stream = BatchStream(pool, cfg.batch_size, cfg.seed, 1, ctx.rank, ctx.world_size)
     batch = _Batches(encode, cfg.augment, ctx.device)
     y_all = torch.from_numpy(labels)
-    with _bar(steps, "stage 1: fine-tune", cfg.progress and ctx.is_main) as bar:
+    with progress_bar(steps, "stage 1: fine-tune", cfg.progress and ctx.is_main) as bar:
         bar.update(start)
         for step in range(start, steps):
             torch.manual_seed(step_seed(cfg.seed, 1, step, ctx.rank))  # dropout: a function of the step
@@ -188,7 +130,7 @@ def train_exits(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool
     steps_per_epoch = math.ceil(train_rows / cfg.batch_size)
     steps = cfg.exit_epochs * steps_per_epoch
     opt = torch.optim.AdamW(model.heads.parameters(), lr=cfg.exit_lr, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, steps, cfg.warmup)
+    sched = lr_schedule(opt, steps, cfg.warmup)
     optimizers = {"opt": opt}
     if objective.disc is not None:
         optimizers["opt_d"] = torch.optim.AdamW(objective.disc.parameters(), lr=cfg.exit_lr, betas=(0.5, 0.999))
@@ -198,7 +140,7 @@ def train_exits(model: EarlyExitModel, encode: Encoder, labels: np.ndarray, pool
     is_labelled[labelled] = True
     stream = BatchStream(pool, cfg.batch_size, cfg.seed, 2, ctx.rank, ctx.world_size)
     batch = _Batches(encode, cfg.augment, ctx.device)
-    with _bar(steps, f"stage 2: exits ({cfg.objective})", cfg.progress and ctx.is_main) as bar:
+    with progress_bar(steps, f"stage 2: exits ({cfg.objective})", cfg.progress and ctx.is_main) as bar:
         bar.update(start)
         for step in range(start, steps):
             torch.manual_seed(step_seed(cfg.seed, 2, step, ctx.rank))
@@ -281,26 +223,10 @@ def _weights_digest(model: EarlyExitModel) -> str:
     return h.hexdigest()[:16]
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from freedeploy import __version__
-
-    return {"freedeploy": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _sources(cfg: TrainConfig) -> list[str]:
-    """The paths a run reads (an earlier run dir or local model, a data file or folder): its output
-    may not be, contain or lie inside any of them."""
-    data_path = cfg.data.partition("?")[0].partition(":")[2]
-    return [p for p in (cfg.model, data_path) if p and Path(p).exists()]
-
-
 def train(cfg: TrainConfig, on_stage: Callable[[str], None] | None = None) -> TrainResult:
     """Run both stages and write the run dir atomically; returns the test metrics."""
     t0 = time.perf_counter()
-    check_target(Path(cfg.out), cfg.overwrite, RUN_DIR, _sources(cfg))  # before minutes of work
+    check_target(Path(cfg.out), cfg.overwrite, RUN_DIR, read_paths(cfg))  # before minutes of work
     ctx = DistContext.start(cfg.device)
     try:
         torch.manual_seed(cfg.seed)
@@ -312,17 +238,17 @@ def train(cfg: TrainConfig, on_stage: Callable[[str], None] | None = None) -> Tr
         model = EarlyExitModel(backbone.hf, backbone.adapter, cfg.exits, exit_init=cfg.exit_init,
                                exit_head=cfg.exit_head).to(ctx.device)
         ckpt, saved = _checkpoints(cfg, ctx)
-        with (atomic_directory(cfg.out, overwrite=cfg.overwrite, kind=RUN_DIR, inputs=_sources(cfg))
+        with (atomic_directory(cfg.out, overwrite=cfg.overwrite, kind=RUN_DIR, inputs=read_paths(cfg))
               if ctx.is_main else _scratch()) as out_dir:
             spec = make_preprocess(backbone, data, splits["train"], out_dir, cfg.max_length)
             encode = Encoder(data, spec, out_dir)
             if cfg.finetune_epochs and (saved is None or saved.stage == 1):
-                _notify(on_stage, f"stage 1: fine-tuning {backbone.source} on {len(labelled)} labelled samples")
+                notify(on_stage, f"stage 1: fine-tuning {backbone.source} on {len(labelled)} labelled samples")
                 finetune(model, encode, data.labels, labelled, cfg, ctx, ckpt, saved)
                 model.reset_heads()  # exit blocks start from the fine-tuned next block
                 model.to(ctx.device)
             pool = labelled if cfg.objective == "ce" else splits["train"]
-            _notify(on_stage, f"stage 2: training exits {list(cfg.exits)} with objective {cfg.objective}")
+            notify(on_stage, f"stage 2: training exits {list(cfg.exits)} with objective {cfg.objective}")
             train_exits(model, encode, data.labels, pool, labelled, len(splits["train"]), cfg, ctx, ckpt, saved)
             ranks = [str(d) for d in ctx.all_gather(_weights_digest(model))]
             metrics = {"test": evaluate(model, encode, data.labels, splits["test"], ctx.device),
@@ -371,14 +297,8 @@ def _manifest(cfg: TrainConfig, backbone: Backbone, data: Dataset, spec: Any, sp
                  "split_digests": {k: split_digest(v) for k, v in splits.items()}},
         "source_model": backbone.source,
         "train_config": resolved,
-        "versions": _versions(),
+        "versions": versions(),
     }
-
-
-def _notify(on_stage: Callable[[str], None] | None, message: str) -> None:
-    log.info(message)
-    if on_stage is not None:
-        on_stage(message)
 
 
 class _scratch:

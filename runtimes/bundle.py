@@ -2,7 +2,7 @@
 
 A bundle is a directory with ``bundle.json`` at its root::
 
-    bundle.json                 this manifest: the plan (schema_version 2)
+    bundle.json                 this manifest: the plan (schema_version 3)
     onnx/segment_<k>.onnx       backbone segment k (the last one ends in the final head)
     onnx/exit_<k>.onnx          exit head k: logits, and in fp32 the confidence and predicted class
     onnx/full.onnx              the whole model in one graph: the baseline for parity and benchmarks
@@ -13,28 +13,37 @@ A bundle is a directory with ``bundle.json`` at its root::
 
 **The plan is data.** ``stages`` lists the chain in order; each stage holds its segment graph and
 (but the last) its exit: the block it reads, its head graph, confidence function and threshold.
-``full`` is the monolithic graph. Every graph carries its ``key`` (how backends and engine sets
-name it), its ``kind`` (segment, exit, full; prefill, decode_step and state_fill are reserved for
-decoders) and its files per precision; every tensor it reads or writes carries its name, dtype,
-shape ("batch" marks the dynamic batch axis) and ``role``:
+``full`` is the monolithic graph (a decoder's monolithic decode step). ``head`` is what the bundle does,
+a tagged union on ``task``: a ``ClassifierHead`` (``classify``: the labels) or a ``DecoderHead``
+(``generate``: the graphs that run once per sample, and the token facts). Every graph carries its
+``key`` (how backends and engine sets name it), its ``kind`` (``runtimes.roles.GRAPH_KINDS``) and its
+files per precision; every tensor it reads or writes carries its name, dtype, shape ("batch" marks
+the dynamic batch axis) and ``role``:
 
     model_input        fed by the caller (after preprocessing)
     hidden             the hidden state carried from a segment to its exit head and the next segment
     token_mask         a (batch, tokens) mask a segment computes and later graphs read
-    layer_state        per-layer state carried across calls (a decoder's KV cache; reserved)
     exit_logits, exit_confidence, exit_prediction      an exit's decision
     final_logits, final_confidence, final_prediction   the final head's decision
+    prefix, token_ids, positions, sequence_mask        a decoder's image prefix, tokens and masks
+    past_keys, past_values, new_keys, new_values       a decoder's cache, per layer (``layer``)
+
+A decode graph's ``sequence_mask`` input names the stage whose past mask it reads (``stage``): a
+segment its own, an exit the next stage's (it reads that stage's first layer's cache), the monolithic
+step the first.
 
 A stage's graphs read their inputs from the running state (the model inputs plus every output
 produced so far) and add their outputs to it, so a tensor name means one tensor everywhere.
 Readers look roles and names up here; only ``runtimes.naming`` (used by the builder in
 ``runtimes.plan`` and the migration of version-1 manifests) knows how names are made.
-A JSON Schema of this file, generated from these dataclasses, is in ``docs/bundle.schema.json``.
+The normative description is ``docs/bundle.md``; a JSON Schema generated from these dataclasses is
+``docs/schema/bundle.schema.json``.
 
 Only this module reads or writes ``bundle.json``. Loading checks every field (``Bundle.check`` and
 ``runtimes.contract``), that every path stays inside the bundle, the sha256 of every file, and
 each ONNX file's actual inputs and outputs against the plan. Version-1 manifests (the plan implied
-by names) are migrated on load (``runtimes.migrate``).
+by names) and version 2 (task, labels and decoder at the top level) are migrated on load
+(``runtimes.migrate``).
 """
 
 from __future__ import annotations
@@ -45,36 +54,27 @@ import os
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, ClassVar, Mapping, Sequence, TypeVar
 
 from runtimes.atomic import LOCK_FILE, Replaceable, atomic_write_text
 from runtimes.confidence import CONFIDENCE
-from runtimes.errors import BundleError, FreedeployError
+from runtimes.contract import check_bundle, check_graph_files
+from runtimes.errors import BundleError, ConfigError, FreedeployError
+from runtimes.migrate import SCHEMA_VERSION, migrate
 from runtimes.preprocess import ImageSpec, ImageTextSpec, Spec, TextSpec
-from runtimes.records import ENGINE_PRECISIONS, INT8_HEADS, PRECISIONS, Certificate, check_thresholds
+from runtimes.records import ENGINE_PRECISIONS, INT8_HEADS, PRECISIONS, Certificate
+from runtimes.roles import (DECODER_ROLES, DTYPES, EXIT_DECISION, FINAL_DECISION, GRAPH_KINDS, HEADS, KV_ROLES, ROLES,
+                            TASKS, decision_field)
+from runtimes.thresholds import check_thresholds
 from runtimes.typed import from_dict, to_dict
 
 __all__ = ["SCHEMA_VERSION", "MANIFEST", "TensorSpec", "GraphSpec", "ExitSpec", "StageSpec", "BatchSpec",
            "Bundle", "load_bundle", "save_bundle", "sha256_file", "PRECISIONS", "ENGINE_PRECISIONS", "INT8_HEADS",
-           "ROLES", "GRAPH_KINDS", "HEADS", "DecoderSpec", "DECODER_ROLES", "KV_ROLES",
-           "TASKS", "DTYPES", "by_exit", "decision_field", "BUNDLE_DIR", "EXIT_DECISION", "FINAL_DECISION"]
+           "ROLES", "GRAPH_KINDS", "HEADS", "ClassifierHead", "DecoderHead", "Head", "DECODER_ROLES",
+           "KV_ROLES", "TASKS", "DTYPES", "by_exit", "decision_field", "BUNDLE_DIR", "EXIT_DECISION", "FINAL_DECISION"]
 
-SCHEMA_VERSION = 2
 MANIFEST = "bundle.json"
 BUNDLE_DIR = Replaceable("a freedeploy bundle", MANIFEST, "stages")  # what export --overwrite may replace
-DTYPES = ("float32", "float16", "int64", "int32", "bool")
-EXIT_DECISION = ("exit_logits", "exit_confidence", "exit_prediction")  # an exit head's outputs, in order
-FINAL_DECISION = ("final_logits", "final_confidence", "final_prediction")  # the last segment's and full's
-# a decoder's graphs also carry: the image prefix, the tokens and their positions, the 0/1 mask over
-# the whole sequence, and per layer (``TensorSpec.layer``) the cached keys and values going in and
-# the new tokens' keys and values coming out
-DECODER_ROLES = ("prefix", "token_ids", "positions", "sequence_mask", "past_keys", "past_values", "new_keys",
-                 "new_values")
-KV_ROLES = ("past_keys", "past_values", "new_keys", "new_values")
-ROLES = ("model_input", "hidden", "token_mask", "layer_state", *EXIT_DECISION, *FINAL_DECISION, *DECODER_ROLES)
-GRAPH_KINDS = ("segment", "exit", "full", "prefill", "decode_step", "state_fill")
-HEADS = ("cls-query", "full-block")  # the exit head forms (freedeploy.adapters builds them)
-TASKS = ("classify", "generate")
 MAX_BATCH = 1 << 20
 _Error = type[FreedeployError]
 
@@ -86,6 +86,7 @@ class TensorSpec:
     shape: tuple[int | str, ...]  # "batch" marks the dynamic batch axis; other names are symbolic sizes
     role: str = field(default="", metadata={"choices": ROLES, "required": True})  # set by the builder (runtimes.plan)
     layer: int | None = field(default=None, metadata={"omit_none": True})  # the 0-based decoder layer of a key/value tensor (KV_ROLES); None elsewhere
+    stage: int | None = field(default=None, metadata={"omit_none": True})  # a decode graph's sequence_mask input: the stage whose past mask it reads
 
     def check(self, where: str, error: _Error = BundleError) -> None:
         if not self.name or len(self.name) > 256:
@@ -93,6 +94,8 @@ class TensorSpec:
         if (self.role in KV_ROLES) != (self.layer is not None) or self.layer is not None and self.layer < 0:
             raise error(f"{where}: tensor {self.name} needs a non-negative 'layer' exactly when its role is one of "
                         f"{', '.join(KV_ROLES)}")
+        if self.stage is not None and (self.role != "sequence_mask" or self.stage < 0):
+            raise error(f"{where}: tensor {self.name}: only a sequence_mask names a 'stage', a non-negative one")
         if any(isinstance(d, int) and d < 0 for d in self.shape):
             raise error(f"{where}: shape entries must be non-negative integers or names, found {list(self.shape)}")
 
@@ -161,15 +164,36 @@ class StageSpec:
 
 
 @dataclass(frozen=True)
-class DecoderSpec:
-    """What a generative bundle (task ``generate``) adds to the chain of decode-step segments and exits:
-    the graphs that run once per sample or per exit taken, and the token facts the decoding loop needs.
+class ClassifierHead:
+    """A classifier's head (task ``classify``): every decision's logits index these labels."""
+
+    labels: tuple[str, ...]
+    task: str = field(default="classify", metadata={"choices": ("classify",)})
+    engine_precisions: ClassVar[tuple[str, ...]] = ENGINE_PRECISIONS  # what TensorRT builds for this head
+
+    def check(self, where: str, error: _Error = BundleError) -> None:
+        if not self.labels:
+            raise error(f"{where}: a classifier needs one or more labels")
+
+    def axis_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(min, typical, max) of each named axis besides the batch: a classifier's sizes are all fixed."""
+        return {}
+
+    def graphs_around(self) -> tuple[tuple[GraphSpec, ...], tuple[GraphSpec, ...]]:
+        """The head's own graphs, before the chain and after it: a classifier has none."""
+        return (), ()
+
+
+@dataclass(frozen=True)
+class DecoderHead:
+    """A text decoder's head (task ``generate``): the graphs that run once per sample or per exit taken
+    beside the chain of decode-step segments and exits, and the token facts the decoding loop needs.
 
     - ``encode``: image -> prefix (the query tokens as the language model reads them);
     - ``prefill``: prefix, prompt tokens, positions and mask -> every layer's keys and values for the
       whole prompt, and the final head's decision for the first new token;
     - ``fills[i]`` serves stage ``i + 1``: a hidden state copied up from an exit -> the keys and values of
-      that stage's layers (state propagation).
+      that stage's layers (state propagation, the optional KV rule; recomputation needs no graph).
     """
 
     encode: GraphSpec
@@ -183,6 +207,16 @@ class DecoderSpec:
     num_layers: int
     num_query_tokens: int
     max_positions: int  # the longest sequence (prefix + prompt + generated) the position table covers
+    task: str = field(default="generate", metadata={"choices": ("generate",)})
+    engine_precisions: ClassVar[tuple[str, ...]] = ("fp32",)  # fp16 and weight-only decoders: not yet
+
+    def axis_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(min, typical, max) of each named axis besides the batch: the prompt, the new tokens of a step
+        (one, typically) and the past, bounded by the positions (the image prefix takes
+        ``num_query_tokens`` of them)."""
+        room, positions = self.max_positions - self.num_query_tokens, self.max_positions
+        return {"prompt": (1, min(16, room), room), "new": (1, 1, positions),
+                "past": (1, min(positions - 1, self.num_query_tokens + 32), positions - 1)}
 
     def check(self, where: str, error: _Error = BundleError) -> None:
         ids = (self.bos_id, self.eos_id, self.pad_id)
@@ -192,6 +226,15 @@ class DecoderSpec:
             raise error(f"{where}: needs 2 or more layers and room for the prefix and a token "
                         f"(layers {self.num_layers}, query tokens {self.num_query_tokens}, "
                         f"positions {self.max_positions})")
+
+    def graphs_around(self) -> tuple[tuple[GraphSpec, ...], tuple[GraphSpec, ...]]:
+        """The head's own graphs, before the chain (encode, prefill) and after it (the state fills)."""
+        return (self.encode, self.prefill), self.fills
+
+
+Head = ClassifierHead | DecoderHead
+H = TypeVar("H", ClassifierHead, DecoderHead)
+_HEADS: dict[str, type] = {"classify": ClassifierHead, "generate": DecoderHead}
 
 
 @dataclass(frozen=True)
@@ -219,6 +262,19 @@ def _spec_parse(data: Any, where: str, error: _Error) -> Spec:
     return from_dict(kinds[kind], data, where, error)
 
 
+def _head_dump(head: Head) -> dict[str, Any]:
+    data = to_dict(head)
+    return {"task": data.pop("task"), **data}
+
+
+def _head_parse(data: Any, where: str, error: _Error) -> Head:
+    """The head, typed by its ``task``: the one place a bundle's kind is decided."""
+    task = data.get("task") if isinstance(data, dict) else None
+    if not isinstance(task, str) or task not in _HEADS:
+        raise error(f"{where}: 'task' must be one of {', '.join(TASKS)}, found {str(task)[:40]!r}")
+    return from_dict(_HEADS[task], data, where, error)
+
+
 _PREPROCESS_SCHEMA = {"type": "object", "required": ["kind"],
                       "properties": {"kind": {"enum": ["image", "text", "image-text"]}},
                       "description": "how raw inputs become the model inputs (runtimes.preprocess)"}
@@ -227,7 +283,7 @@ _PREPROCESS_SCHEMA = {"type": "object", "required": ["kind"],
 @dataclass(frozen=True)
 class Bundle:
     name: str
-    labels: tuple[str, ...]
+    head: Head = field(metadata={"parse": _head_parse, "dump": _head_dump})
     preprocess: Spec = field(metadata={"parse": _spec_parse, "dump": _spec_dump, "schema": _PREPROCESS_SCHEMA})
     inputs: tuple[TensorSpec, ...]  # the model inputs, as the caller feeds them
     batch: BatchSpec
@@ -236,16 +292,12 @@ class Bundle:
     num_blocks: int
     files: Mapping[str, str]  # relative path -> sha256 of every file the manifest covers
     schema_version: int = SCHEMA_VERSION
-    task: str = field(default="classify", metadata={"choices": TASKS})
     provenance: Mapping[str, Any] = field(default_factory=dict)
     calibration: Mapping[str, Certificate] | None = None  # certificates by calibration key (freedeploy calibrate)
-    decoder: DecoderSpec | None = field(default=None, metadata={"omit_none": True})  # task generate: the decoder's other graphs and token facts
     root: Path | None = field(default=None, compare=False, metadata={"json": False})  # where it was loaded from
     loaded_version: int | None = field(default=None, compare=False, metadata={"json": False})  # before migration
 
     def check(self, where: str, error: _Error = BundleError) -> None:
-        from runtimes.contract import check_bundle
-
         check_bundle(self, where, error)
 
     @property
@@ -256,6 +308,19 @@ class Bundle:
     def thresholds(self) -> tuple[float | None, ...]:
         return tuple(e.threshold for e in self.exits)
 
+    def expect(self, kind: type[H], use: str) -> H:
+        """The head, when it is a ``kind`` (``ClassifierHead`` or ``DecoderHead``); else a ConfigError saying
+        that ``use`` needs the other kind of bundle. What a consumer that runs one kind asks."""
+        if not isinstance(self.head, kind):
+            raise ConfigError(f"bundle {self.name!r} is a {self.head.task} bundle: {use} takes "
+                              f"{kind.__dataclass_fields__['task'].default} bundles")
+        return self.head
+
+    @property
+    def task(self) -> str:
+        """``classify`` or ``generate``: the head's tag, for messages and reports (dispatch on the head's type)."""
+        return self.head.task
+
     @property
     def precisions(self) -> tuple[str, ...]:
         return tuple(p for p in PRECISIONS if p in self.full.files)
@@ -264,16 +329,13 @@ class Bundle:
     def graphs(self) -> tuple[GraphSpec, ...]:
         """Every graph in chain order (segment_0, exit_0, segment_1, ...), then the full graph; a decoder's
         encode and prefill come first and its state fills after the chain."""
-        out = []
-        if self.decoder is not None:
-            out += [self.decoder.encode, self.decoder.prefill]
+        chain = []
         for s in self.stages:
-            out.append(s.segment)
+            chain.append(s.segment)
             if s.exit is not None:
-                out.append(s.exit.graph)
-        if self.decoder is not None:
-            out += list(self.decoder.fills)
-        return (*out, self.full)
+                chain.append(s.exit.graph)
+        before, after = self.head.graphs_around()
+        return (*before, *chain, *after, self.full)
 
     @cached_property
     def _by_key(self) -> dict[str, GraphSpec]:
@@ -302,7 +364,7 @@ class Bundle:
                         calibration: Mapping[str, Certificate] | None) -> "Bundle":
         if len(thresholds) != len(self.exits):
             raise BundleError(f"{len(thresholds)} thresholds given for {len(self.exits)} exits")
-        check_thresholds(tuple(thresholds), "thresholds")
+        check_thresholds(tuple(thresholds), "thresholds", BundleError)
         it = iter(thresholds)
         stages = tuple(s if s.exit is None else replace(s, exit=replace(s.exit, threshold=next(it)))
                        for s in self.stages)
@@ -315,12 +377,6 @@ class Bundle:
     @classmethod
     def from_dict(cls, data: Any, where: str = "bundle.json:", error: _Error = BundleError) -> "Bundle":
         return from_dict(cls, data, where, error)
-
-
-def decision_field(role: str) -> str | None:
-    """``logits``, ``confidence`` or ``prediction`` for an exit's or the final head's decision roles;
-    None for every other role."""
-    return role.partition("_")[2] if role in EXIT_DECISION or role in FINAL_DECISION else None
 
 
 def by_exit(blocks: Sequence[int], values: Sequence[Any]) -> dict[str, Any]:
@@ -348,9 +404,6 @@ def save_bundle(bundle: Bundle, directory: str | os.PathLike) -> None:
 
 def load_bundle(directory: str | os.PathLike, verify: bool = True) -> Bundle:
     """Read and check a bundle; ``verify`` also checks every file's sha256 (a read of every file)."""
-    from runtimes.contract import check_graph_files
-    from runtimes.migrate import migrate
-
     root = Path(directory)
     manifest = root / MANIFEST
     if not root.is_dir():

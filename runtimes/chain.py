@@ -1,36 +1,46 @@
-"""The early-exit loop, written once for every backend.
+"""The early-exit loop, written once for every backend: one stage walk (``_walk``), and small
+policies that say what happens at its exits.
 
-Run segment k, run exit k, read the confidences (graphs and tensors as the bundle's plan names
-them), keep going only for the rows that have not
-exited. Policies:
+The walk runs segment k, then exit k's head unless its threshold is None, hands the head's decision
+(graphs and tensors as the bundle's plan names them) to the policy, and runs the next segment on the
+rows the policy keeps; the last segment ends in the final head. The policies:
 
-- ``per_sample`` (default): rows that exit are dropped before the next segment (compaction), so
-  later segments run on the remaining rows only;
-- ``batch``: rows keep their first exit's answer, but the whole batch continues until every row
-  has exited; nothing is compacted (what a single ONNX ``If`` or TensorRT conditional can do).
+- ``_One``, one row (the camera case): the first exit that fires ends the walk;
+- ``_PerSample`` (``per_sample``, default): rows that exit are dropped before the next segment
+  (compaction), so later segments run on the remaining rows only;
+- ``_Batch`` (``batch``): rows keep their first exit's answer, but the whole batch continues until
+  every row has exited; nothing is compacted (what a single ONNX ``If`` or TensorRT conditional can do);
+- ``_Record``: every head on every row, no decision (calibration, validation);
+- ``_Watched``: each row's history, for the rows the drift monitor checks (``runtimes.monitor``) and
+  for a deadline (``runtimes.deadline.DeadlineGate``, which the walk asks before each graph).
 
-An exit whose threshold is None never fires and its head is not run at all.
-
-``run_guarded`` is the same loop with a deadline (``runtimes.deadline``) and rows checked by the
-drift monitor (``runtimes.monitor``); ``run_chain`` stays free of both, for the batch-1 fast path.
+Batch 1 has the least overhead: ``_One`` holds no state (one instance; the decision that ends the
+walk is the answer), so a call allocates nothing the hand-written loop did not, and the hooks cost
+one call per exit head. Only calls with a check or a deadline pay for a row history.
 """
 
 from __future__ import annotations
 
-import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from time import perf_counter  # a module global: two lookups fewer per graph call than time.perf_counter
+from typing import Callable, Sequence
 
 import numpy as np
 
 from runtimes.backends.base import Backend
-from runtimes.bundle import Bundle
-from runtimes.deadline import Deadline
+from runtimes.bundle import Bundle, StageSpec
+from runtimes.deadline import Deadline, DeadlineGate
 from runtimes.errors import ConfigError
 
 __all__ = ["POLICIES", "ChainOutput", "RecordOutput", "run_chain", "run_guarded", "record_chain", "run_full"]
 
 POLICIES = ("per_sample", "batch")
+
+_DONE = np.zeros(0, dtype=np.int64)  # rows to keep: none, so the walk ends here
+
+# the decision that ended a walk: the stage, and the (B,) confidences and predictions of its head
+_Ending = tuple[StageSpec, np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -50,10 +60,241 @@ class RecordOutput:
     predictions: np.ndarray  # (B, K + 1) every exit's predicted class, then the final head's
 
 
-def _timed(backend: Backend, key: str, state: object, timings: dict[str, float]) -> None:
-    t0 = time.perf_counter()
+class _Exits(ABC):
+    """What happens at the exits of one walk: ``exit`` gets each head's decision and ``final`` the
+    final head's ((B,) confidences and predictions of the rows in the state)."""
+
+    reads = True  # False: the walk runs the heads and reads nothing (the caller fetches after it)
+
+    @abstractmethod
+    def exit(self, stage: StageSpec, threshold: float, conf: np.ndarray, pred: np.ndarray) -> np.ndarray | None:
+        """The stage's exit head ran: decide. Returns the rows of the state to keep (sorted indices;
+        none: the walk ends here), or None to keep them all."""
+
+    def final(self, stage: StageSpec, conf: np.ndarray, pred: np.ndarray) -> None:
+        """The last stage's segment and the final head ran on the rows still in the state."""
+
+
+def _walk(backend: Backend, bundle: Bundle, state: object, thresholds: Sequence[float | None],
+          timings: dict[str, float], at: _Exits, gate: DeadlineGate | None = None) -> _Ending | None:
+    """The one stage walk: segment k, exit k's head unless its threshold is None, ``at``'s decision,
+    the rows it keeps; the last segment and the final head. ``gate`` (a deadline) is asked before
+    each graph. Returns the decision that ended the walk (None: the gate stopped it, or ``at`` reads
+    nothing)."""
+    reads = at.reads
+    run = _timed if gate is None else _observed(gate)
+    for stage in bundle.stages[:-1]:
+        if gate is not None and not gate.segment(stage):
+            return None
+        run(backend, stage.segment.key, state, timings)
+        threshold = thresholds[stage.index]
+        if threshold is None:
+            continue
+        head = stage.exit
+        if gate is not None and not gate.head(head.graph.key):
+            return None
+        run(backend, head.graph.key, state, timings)
+        if not reads:
+            continue
+        conf_name, pred_name = names = head.decision
+        out = backend.fetch(state, names)
+        conf, pred = out[conf_name], out[pred_name]
+        keep = at.exit(stage, threshold, conf, pred)
+        if keep is not None:
+            if not len(keep):
+                return stage, conf, pred
+            backend.compact(state, keep)
+    last = bundle.stages[-1]
+    if gate is not None and not gate.segment(last):
+        return None
+    run(backend, last.segment.key, state, timings)
+    if not reads:
+        return None
+    conf_name, pred_name = names = bundle.final_decision
+    out = backend.fetch(state, names)
+    conf, pred = out[conf_name], out[pred_name]
+    at.final(last, conf, pred)
+    return last, conf, pred
+
+
+def _timed(backend: Backend, key: str, state: object, timings: dict[str, float]) -> float:
+    t0 = perf_counter()
     backend.run(key, state)
-    timings[key] = timings.get(key, 0.0) + time.perf_counter() - t0
+    seconds = perf_counter() - t0
+    timings[key] = timings.get(key, 0.0) + seconds
+    return seconds
+
+
+def _observed(gate: DeadlineGate) -> Callable[[Backend, str, object, dict[str, float]], float]:
+    """``_timed`` that also tells the deadline what each graph cost, on how many rows."""
+    def run(backend: Backend, key: str, state: object, timings: dict[str, float]) -> float:
+        seconds = _timed(backend, key, state, timings)
+        gate.observe(key, seconds)
+        return seconds
+    return run
+
+
+def _run(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray], thresholds: Sequence[float | None],
+         timings: dict[str, float], at: _Exits, one: bool, gate: DeadlineGate | None = None) -> _Ending | None:
+    """Start a state, walk it, hand it back. ``one``: a backend may offer a state of its own for one row
+    (``start_one``, handed back with ``release``): ONNX Runtime's graphs bound once to preallocated buffers."""
+    start_one = getattr(backend, "start_one", None) if one else None
+    state = start_one(inputs) if start_one is not None else backend.start(inputs)
+    try:
+        return _walk(backend, bundle, state, thresholds, timings, at, gate)
+    finally:
+        if start_one is not None:
+            backend.release(state)  # type: ignore[attr-defined]
+
+
+class _One(_Exits):
+    """One row: the first exit that fires ends the walk, whose ending is the answer. No state, so one
+    instance serves every call and thread."""
+
+    def exit(self, stage: StageSpec, threshold: float, conf: np.ndarray, pred: np.ndarray) -> np.ndarray | None:
+        return _DONE if conf[0] >= threshold else None
+
+
+_ONE = _One()
+_INDEX = tuple(np.array([k], dtype=np.int64) for k in range(64))  # copied: a third of np.array([k])'s cost
+
+
+def _exit_index(k: int) -> np.ndarray:
+    """(1,) int64 holding k: the exit a single row took."""
+    return _INDEX[k].copy() if k < len(_INDEX) else np.array([k], dtype=np.int64)
+
+
+class _PerSample(_Exits):
+    """Rows that exit leave the state; the final head answers the rest."""
+
+    def __init__(self, n: int, k_final: int) -> None:
+        self.classes = np.zeros(n, dtype=np.int64)
+        self.conf = np.zeros(n, dtype=np.float32)
+        self.exits = np.full(n, k_final, dtype=np.int64)
+        self.alive = np.arange(n)  # original row index of every row in the state
+
+    def exit(self, stage: StageSpec, threshold: float, conf: np.ndarray, pred: np.ndarray) -> np.ndarray | None:
+        fire = conf >= threshold
+        if not fire.any():
+            return None
+        rows = self.alive[fire]
+        self.classes[rows], self.conf[rows], self.exits[rows] = pred[fire], conf[fire], stage.index
+        stay = ~fire
+        self.alive = self.alive[stay]
+        return np.flatnonzero(stay) if len(self.alive) else _DONE
+
+    def final(self, stage: StageSpec, conf: np.ndarray, pred: np.ndarray) -> None:
+        self.classes[self.alive], self.conf[self.alive] = pred, conf
+
+    def output(self, timings: dict[str, float]) -> ChainOutput:
+        return ChainOutput(self.classes, self.conf, self.exits, timings)
+
+
+class _Batch(_PerSample):
+    """Every row stays until all have exited; each keeps the answer of its first exit that fired."""
+
+    def __init__(self, n: int, k_final: int) -> None:
+        super().__init__(n, k_final)
+        self.open = np.ones(n, dtype=bool)  # rows that have not exited yet (``alive`` stays every row)
+
+    def exit(self, stage: StageSpec, threshold: float, conf: np.ndarray, pred: np.ndarray) -> np.ndarray | None:
+        fire = (conf >= threshold) & self.open
+        rows = self.alive[fire]  # every row: indexing is cheaper than np.flatnonzero
+        self.classes[rows], self.conf[rows], self.exits[rows] = pred[fire], conf[fire], stage.index
+        self.open[rows] = False
+        return None if self.open.any() else _DONE
+
+    def final(self, stage: StageSpec, conf: np.ndarray, pred: np.ndarray) -> None:
+        rows = self.alive[self.open]
+        self.classes[rows], self.conf[rows] = pred[self.open], conf[self.open]
+
+
+class _Record(_Exits):
+    """Every head on every row (thresholds all on) and no decision: the walk reads nothing, and
+    ``record_chain`` fetches every head's answer after it in one call (on TensorRT: one sync)."""
+
+    reads = False
+
+    def exit(self, stage: StageSpec, threshold: float, conf: np.ndarray, pred: np.ndarray) -> np.ndarray | None:
+        return None
+
+
+_RECORD = _Record()
+
+
+class _Watched(_Exits):
+    """Each row's history, for the rows the drift monitor checks and for a deadline: what the exits
+    computed so far said, which exit fired, which answer is settled. Watched rows ride on to the
+    final head after their exit answered them and keep the exit's answer; ``serve=False``: the final
+    head answers every row, and the exits only say what early exit would have answered."""
+
+    def __init__(self, thresholds: Sequence[float | None], n: int, k_final: int, per_sample: bool,
+                 watch: np.ndarray | None, serve: bool) -> None:
+        self.thresholds = list(thresholds)  # the walk's: all off once no row waits for an exit (_off_when_fired)
+        self.classes, self.conf = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32)
+        self.exits = np.full(n, k_final, dtype=np.int64)
+        self.served = np.zeros(n, dtype=bool)  # rows whose answer is settled
+        self.fired = np.zeros(n, dtype=bool)  # rows where an exit fired
+        self.early = np.full(n, -1, dtype=np.int64)  # what early exit answers: the exit that fired, else the final head
+        self.deepest = np.full(n, -1, dtype=np.int64)  # per row, the deepest exit computed so far (-1: none)
+        self.head_class, self.head_conf = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32)
+        self.watch = np.zeros(n, dtype=bool) if watch is None else watch
+        self.alive = np.arange(n)  # original row index of every row in the state
+        self.per_sample, self.serve = per_sample, serve
+        self.gate: DeadlineGate | None = None
+        self.reached: np.ndarray | None = None  # (B,) the final head's class, -1 where it did not run
+        self._off_when_fired()
+
+    def answered(self) -> bool:
+        """Has every open row in the state an exit's answer (one it could be forced to)?"""
+        alive = self.alive
+        return bool((self.deepest[alive[~self.served[alive]]] >= 0).all())
+
+    def exit(self, stage: StageSpec, threshold: float, conf: np.ndarray, pred: np.ndarray) -> np.ndarray | None:
+        alive, k = self.alive, stage.index
+        self.head_class[alive], self.head_conf[alive], self.deepest[alive] = pred, conf, k
+        fire = (conf >= threshold) & ~self.fired[alive]
+        rows = alive[fire]
+        self.fired[rows], self.early[rows] = True, pred[fire]
+        if self.serve:
+            self.classes[rows], self.conf[rows], self.exits[rows], self.served[rows] = pred[fire], conf[fire], k, True
+        stay = ~self.served[alive] | self.watch[alive]  # open rows, and rows going on for their check
+        if not stay.any():
+            return _DONE
+        keep = None
+        # the batch policy keeps its rows together while any is open; a check rides on alone
+        if not stay.all() and (self.per_sample or self.served[alive].all()):
+            self.alive, keep = alive[stay], np.flatnonzero(stay)
+        self._off_when_fired()
+        return keep
+
+    def _off_when_fired(self) -> None:
+        """Every row in the state has fired: the rest ride on for their check only, and no head has
+        anything left to decide, so every exit is off from here (rows only ever fire or leave)."""
+        if self.fired[self.alive].all():
+            self.thresholds[:] = [None] * len(self.thresholds)
+
+    def final(self, stage: StageSpec, conf: np.ndarray, pred: np.ndarray) -> None:
+        alive = self.alive
+        open_ = ~self.served[alive]
+        self.classes[alive[open_]], self.conf[alive[open_]] = pred[open_], conf[open_]
+        reached = ~self.fired[alive]
+        self.early[alive[reached]] = pred[reached]
+        self.reached = np.full(len(self.classes), -1, dtype=np.int64)
+        self.reached[alive] = pred
+        self.served[alive] = True
+
+    def output(self, timings: dict[str, float]) -> ChainOutput:
+        forced = None if self.gate is None else np.zeros(len(self.classes), dtype=bool)
+        final = self.reached
+        if final is None and forced is not None:  # out of time: open rows take their deepest exit
+            rows = self.alive[~self.served[self.alive]]
+            self.classes[rows], self.conf[rows] = self.head_class[rows], self.head_conf[rows]
+            self.exits[rows], forced[rows] = self.deepest[rows], True
+        checked = np.flatnonzero(self.watch & (final >= 0)) if final is not None else np.zeros(0, dtype=np.int64)
+        checks = (self.early[checked], final[checked]) if len(checked) else None
+        continued = int((self.watch & self.fired).sum()) if self.serve else 0
+        return ChainOutput(self.classes, self.conf, self.exits, timings, forced, checks, continued)
 
 
 def run_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
@@ -62,80 +303,14 @@ def run_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
     if policy not in POLICIES:
         raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     n = len(next(iter(inputs.values())))
-    if n == 1:  # the camera case: the same decisions with scalars, no per-row bookkeeping
-        return _run_one(backend, bundle, inputs, thresholds)
-    k_final = len(bundle.stages) - 1
-    classes = np.zeros(n, dtype=np.int64)
-    conf = np.zeros(n, dtype=np.float32)
-    exits = np.full(n, k_final, dtype=np.int64)
-    open_rows = np.ones(n, dtype=bool)  # `batch` policy: rows that have not exited yet
-    alive = np.arange(n)  # original row index of every row in the state
     timings: dict[str, float] = {}
-    state = backend.start(inputs)
-    for stage in bundle.stages[:-1]:
-        k = stage.index
-        _timed(backend, stage.segment.key, state, timings)
-        if thresholds[k] is None:
-            continue
-        _timed(backend, stage.exit.graph.key, state, timings)
-        conf_name, pred_name = stage.exit.decision
-        out = backend.fetch(state, [conf_name, pred_name])
-        fire = out[conf_name] >= thresholds[k]
-        if policy == "batch":
-            fire &= open_rows[alive]
-        rows = alive[fire]
-        classes[rows], conf[rows], exits[rows] = out[pred_name][fire], out[conf_name][fire], k
-        open_rows[rows] = False
-        if policy == "per_sample" and fire.any():
-            alive = alive[~fire]
-            if len(alive) == 0:
-                return ChainOutput(classes, conf, exits, timings)
-            backend.compact(state, np.flatnonzero(~fire))
-        elif policy == "batch" and not open_rows.any():
-            return ChainOutput(classes, conf, exits, timings)
-    _timed(backend, bundle.stages[-1].segment.key, state, timings)
-    conf_name, pred_name = bundle.final_decision
-    out = backend.fetch(state, [conf_name, pred_name])
-    last = open_rows[alive]
-    rows = alive[last]
-    classes[rows], conf[rows] = out[pred_name][last], out[conf_name][last]
-    return ChainOutput(classes, conf, exits, timings)
-
-
-def _run_one(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
-             thresholds: Sequence[float | None]) -> ChainOutput:
-    """``run_chain`` for one row: both policies decide alike, and nothing needs compacting. A backend
-    may offer a state of its own for one row (``start_one``, handed back with ``release``): ONNX
-    Runtime's graphs bound once to preallocated buffers."""
-    start_one = getattr(backend, "start_one", None)
-    if start_one is None:
-        return _decide_one(backend, bundle, backend.start(inputs), thresholds)
-    state = start_one(inputs)
-    try:
-        return _decide_one(backend, bundle, state, thresholds)
-    finally:
-        backend.release(state)  # type: ignore[attr-defined]
-
-
-def _decide_one(backend: Backend, bundle: Bundle, state: object, thresholds: Sequence[float | None]) -> ChainOutput:
-    timings: dict[str, float] = {}
-    for stage in bundle.stages[:-1]:
-        _timed(backend, stage.segment.key, state, timings)
-        threshold = thresholds[stage.index]
-        if threshold is None:
-            continue
-        _timed(backend, stage.exit.graph.key, state, timings)
-        conf_name, pred_name = stage.exit.decision
-        out = backend.fetch(state, [conf_name, pred_name])
-        if out[conf_name][0] >= threshold:
-            return ChainOutput(out[pred_name].astype(np.int64, copy=False), out[conf_name].astype(np.float32, copy=False),
-                               np.array([stage.index], dtype=np.int64), timings)
-    last = bundle.stages[-1]
-    _timed(backend, last.segment.key, state, timings)
-    conf_name, pred_name = bundle.final_decision
-    out = backend.fetch(state, [conf_name, pred_name])
-    return ChainOutput(out[pred_name].astype(np.int64, copy=False), out[conf_name].astype(np.float32, copy=False),
-                       np.array([last.index], dtype=np.int64), timings)
+    if n == 1:  # the camera case: the walk's ending is the answer
+        stage, conf, pred = _run(backend, bundle, inputs, thresholds, timings, _ONE, True)
+        return ChainOutput(pred.astype(np.int64, copy=False), conf.astype(np.float32, copy=False),
+                           _exit_index(stage.index), timings)
+    at = (_PerSample if policy == "per_sample" else _Batch)(n, len(bundle.stages) - 1)
+    _run(backend, bundle, inputs, thresholds, timings, at, False)
+    return at.output(timings)
 
 
 def run_guarded(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
@@ -143,126 +318,31 @@ def run_guarded(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray],
                 watch: np.ndarray | None = None, serve: bool = True) -> ChainOutput:
     """``run_chain`` under a deadline and/or with rows the drift monitor checks.
 
-    ``deadline``: before each graph, stop unless it fits, a segment together with the rest of the way
-    to the next answer (the next exit head that runs, or the final head); the rows still open take
-    the answer of their deepest exit computed so far and are marked in ``forced``. Until every open row has an exit's answer, graphs run whatever the time. ``watch``:
-    (B,) bool, rows that also run on to the final head after their exit answered them (they keep the
-    exit's answer). ``serve=False`` (the monitor's fallback): the final head answers every row, and
-    the exits only say what early exit would have answered."""
+    ``deadline``: the walk stops before a graph that cannot end in time (``DeadlineGate``); the rows
+    still open take the answer of their deepest exit computed so far and are marked in ``forced``.
+    ``watch``: (B,) bool, rows that also run on to the final head after their exit answered them
+    (they keep the exit's answer). ``serve=False`` (the monitor's fallback): the final head answers
+    every row, and the exits only say what early exit would have answered."""
     if policy not in POLICIES:
         raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
     n = len(next(iter(inputs.values())))
-    k_final = len(bundle.stages) - 1
-    classes, conf = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32)
-    exits = np.full(n, k_final, dtype=np.int64)
-    served = np.zeros(n, dtype=bool)  # rows whose answer is settled
-    fired = np.zeros(n, dtype=bool)  # rows where an exit fired
-    early = np.full(n, -1, dtype=np.int64)  # what early exit answers: the exit that fired, else the final head
-    deepest = np.full(n, -1, dtype=np.int64)  # per row, the deepest exit computed so far (-1: none)
-    head_class, head_conf = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.float32)
-    watch = np.zeros(n, dtype=bool) if watch is None else watch
-    alive = np.arange(n)  # original row index of every row in the state
-    timings: dict[str, float] = {}
-    start_one = getattr(backend, "start_one", None) if n == 1 else None
-    state = start_one(inputs) if start_one is not None else backend.start(inputs)
-
-    def done(final: np.ndarray | None = None) -> ChainOutput:
-        forced = None if deadline is None else np.zeros(n, dtype=bool)
-        if final is None and deadline is not None:  # out of time: open rows take their deepest exit
-            rows = alive[~served[alive]]
-            classes[rows], conf[rows], exits[rows], forced[rows] = head_class[rows], head_conf[rows], deepest[rows], True
-        checked = np.flatnonzero(watch & (final >= 0)) if final is not None else np.zeros(0, dtype=np.int64)
-        checks = (early[checked], final[checked]) if len(checked) else None
-        return ChainOutput(classes, conf, exits, timings, forced, checks, int((watch & fired).sum()) if serve else 0)
-
-    def late(keys: tuple[str, ...]) -> bool:
-        return (deadline is not None and bool((deepest[alive[~served[alive]]] >= 0).all())
-                and not deadline.fits(keys, len(alive)))
-
-    try:
-        for stage in bundle.stages[:-1]:
-            k, threshold = stage.index, thresholds[stage.index]
-            heads = not fired[alive].all()  # some row still waits for an exit to fire
-            head = heads and threshold is not None
-            if late(_way_to_answer(bundle, thresholds, k, heads)):  # a segment alone adds no answer
-                return done()
-            _guarded_step(backend, stage.segment.key, state, timings, deadline, len(alive))
-            if not head:
-                continue
-            if late((stage.exit.graph.key,)):  # the segment took longer than expected: one graph past at most
-                return done()
-            _guarded_step(backend, stage.exit.graph.key, state, timings, deadline, len(alive))
-            conf_name, pred_name = stage.exit.decision
-            out = backend.fetch(state, [conf_name, pred_name])
-            c, p = out[conf_name], out[pred_name]
-            head_class[alive], head_conf[alive], deepest[alive] = p, c, k
-            fire = (c >= threshold) & ~fired[alive]
-            rows = alive[fire]
-            fired[rows], early[rows] = True, p[fire]
-            if serve:
-                classes[rows], conf[rows], exits[rows], served[rows] = p[fire], c[fire], k, True
-            stay = ~served[alive] | watch[alive]  # open rows, and rows going on for their check
-            if not stay.any():
-                return done()
-            # the batch policy keeps its rows together while any is open; a check rides on alone
-            if not stay.all() and (policy == "per_sample" or served[alive].all()):
-                backend.compact(state, np.flatnonzero(stay))
-                alive = alive[stay]
-        last = bundle.stages[-1]
-        if late((last.segment.key,)):
-            return done()
-        _guarded_step(backend, last.segment.key, state, timings, deadline, len(alive))
-        conf_name, pred_name = bundle.final_decision
-        out = backend.fetch(state, [conf_name, pred_name])
-        c, p = out[conf_name], out[pred_name]
-        open_ = ~served[alive]
-        classes[alive[open_]], conf[alive[open_]] = p[open_], c[open_]
-        reached = ~fired[alive]
-        early[alive[reached]] = p[reached]
-        final = np.full(n, -1, dtype=np.int64)
-        final[alive] = p
-        served[alive] = True
-        return done(final)
-    finally:
-        if start_one is not None:
-            backend.release(state)  # type: ignore[attr-defined]
-
-
-def _way_to_answer(bundle: Bundle, thresholds: Sequence[float | None], k: int, heads: bool) -> tuple[str, ...]:
-    """Graph keys from stage k's segment to the next answer: the next exit head that runs (``heads``:
-    while some row waits for one), else the final head at the end of the chain."""
-    keys = []
-    for stage in bundle.stages[k:]:
-        keys.append(stage.segment.key)
-        if stage.exit is not None and heads and thresholds[stage.index] is not None:
-            keys.append(stage.exit.graph.key)
-            break
-    return tuple(keys)
-
-
-def _guarded_step(backend: Backend, key: str, state: object, timings: dict[str, float], deadline: Deadline | None,
-                  rows: int) -> None:
-    t0 = time.perf_counter()
-    backend.run(key, state)
-    seconds = time.perf_counter() - t0
-    timings[key] = timings.get(key, 0.0) + seconds
+    at = _Watched(thresholds, n, len(bundle.stages) - 1, policy == "per_sample", watch, serve)
     if deadline is not None:
-        deadline.clock.observe(key, rows, seconds)
+        at.gate = DeadlineGate(deadline, bundle, at.thresholds, at)
+    timings: dict[str, float] = {}
+    _run(backend, bundle, inputs, at.thresholds, timings, at, n == 1, at.gate)
+    return at.output(timings)
 
 
 def record_chain(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray]) -> RecordOutput:
     """Every exit and the final head on every row: what calibration and validation evaluate offline."""
-    state = backend.start(inputs)
-    names = []
-    for stage in bundle.stages:
-        backend.run(stage.segment.key, state)
-        if stage.exit is not None:
-            backend.run(stage.exit.graph.key, state)
-            names.append(stage.exit.decision)
-    names.append(bundle.final_decision)
+    state = backend.start(inputs)  # never a bound batch-1 state: every head's output is read after the walk
+    _walk(backend, bundle, state, (0.0,) * (len(bundle.stages) - 1), {}, _RECORD)
+    names = [s.exit.decision for s in bundle.stages if s.exit is not None] + [bundle.final_decision]
     out = backend.fetch(state, [n for pair in names for n in pair])
     return RecordOutput(np.stack([out[c] for c, _ in names], axis=1).astype(np.float32),
                         np.stack([out[p] for _, p in names], axis=1).astype(np.int64))
+
 
 
 def run_full(backend: Backend, bundle: Bundle, inputs: dict[str, np.ndarray]) -> ChainOutput:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from runtimes.bundle import EXIT_DECISION, FINAL_DECISION, decision_field
 from runtimes.errors import BundleError, FreedeployError
+from runtimes.onnx_io import read_graph_io
 from runtimes.preprocess import ImageSpec, ImageTextSpec, TextSpec
+from runtimes.roles import EXIT_DECISION, FINAL_DECISION, decision_field
 
 if TYPE_CHECKING:
-    from runtimes.bundle import Bundle, GraphSpec, TensorSpec
+    from runtimes.bundle import Bundle, DecoderHead, GraphSpec, TensorSpec
 
 __all__ = ["check_bundle", "check_graph_files"]
 
@@ -26,27 +27,27 @@ _Error = type[FreedeployError]
 
 
 def check_bundle(b: "Bundle", where: str, error: _Error = BundleError) -> None:
+    """The one place that asks what a bundle's head is: a classifier's or a decoder's rules follow."""
     w = where.rstrip(":")
-    if (b.task == "generate") != (b.decoder is not None):
-        raise error(f"{w}: a bundle has a 'decoder' exactly when its task is 'generate'")
+    generative = b.head.task == "generate"
     _check_chain(b, w, error)
-    if b.decoder is not None:
-        _check_decoder(b, w, error)
+    if generative:
+        _check_decoder(b, b.head, w, error)
     else:
         _check_tensors(b, w, error)
+        _check_decisions(b, len(b.head.labels), w, error)
     _check_preprocess(b, w, error)
-    if b.calibration:
-        for key, cert in b.calibration.items():
-            if cert.key != key:
-                raise error(f"{w}: calibration.{key} holds a certificate for {cert.key!r}")
-            if len(cert.thresholds) != len(b.exits):
-                raise error(f"{w}: calibration.{key} has {len(cert.thresholds)} thresholds for {len(b.exits)} exits")
-            if cert.speculative is not None:
-                block = cert.speculative.draft_block
-                if block not in [e.block for e in b.exits]:
-                    raise error(f"{w}: calibration.{key}.speculative drafts from block {block}, which has no exit")
-                if b.decoder is None:
-                    raise error(f"{w}: calibration.{key}.speculative applies to generative bundles only")
+    for key, cert in (b.calibration or {}).items():
+        if cert.key != key:
+            raise error(f"{w}: calibration.{key} holds a certificate for {cert.key!r}")
+        if len(cert.thresholds) != len(b.exits):
+            raise error(f"{w}: calibration.{key} has {len(cert.thresholds)} thresholds for {len(b.exits)} exits")
+        if cert.speculative is not None:
+            block = cert.speculative.draft_block
+            if block not in [e.block for e in b.exits]:
+                raise error(f"{w}: calibration.{key}.speculative drafts from block {block}, which has no exit")
+            if not generative:
+                raise error(f"{w}: calibration.{key}.speculative applies to generative bundles only")
 
 
 def _check_chain(b: "Bundle", w: str, error: _Error) -> None:
@@ -68,14 +69,15 @@ def _check_chain(b: "Bundle", w: str, error: _Error) -> None:
                         " (exit blocks must be sorted, unique and inside the depth)")
     if start != b.num_blocks:
         raise error(f"{w}: the stages end at block {start}, the model has {b.num_blocks} blocks")
-    step = "decode_step" if b.decoder is not None else None
+    generative = b.head.task == "generate"
+    step = "decode_step" if generative else None
     kinds = [(s.segment, step or "segment", f"stages[{s.index}].segment") for s in b.stages]
     kinds += [(s.exit.graph, "exit", f"stages[{s.index}].exit.graph") for s in b.stages if s.exit]
     kinds.append((b.full, step or "full", "full"))
-    if b.decoder is not None:
-        d = b.decoder
-        kinds += [(d.encode, "prefill", "decoder.encode"), (d.prefill, "prefill", "decoder.prefill")]
-        kinds += [(g, "state_fill", f"decoder.fills[{i}]") for i, g in enumerate(d.fills)]
+    if generative:
+        d = b.head
+        kinds += [(d.encode, "encode", "head.encode"), (d.prefill, "prefill", "head.prefill")]
+        kinds += [(g, "state_fill", f"head.fills[{i}]") for i, g in enumerate(d.fills)]
     for graph, kind, at in kinds:
         if graph.kind != kind:
             raise error(f"{w}: {at} must be a graph of kind {kind!r}, found {graph.kind!r}")
@@ -128,22 +130,22 @@ def _check_tensors(b: "Bundle", w: str, error: _Error) -> None:
                 raise error(f"{w}: stages[{s.index}].exit.graph does not read {hidden}, its segment's output")
     if _roles(b.full, "out") != list(FINAL_DECISION):
         raise error(f"{w}: 'full' must output the final logits, confidence and prediction")
-    _check_decisions(b, w, error)
 
 
 def _kv_layers(g: "GraphSpec", side: str, role: str) -> list[int]:
     return sorted(t.layer for t in (g.inputs if side == "in" else g.outputs) if t.role == role)
 
 
-def _check_decoder(b: "Bundle", w: str, error: _Error) -> None:
+def _check_decoder(b: "Bundle", d: "DecoderHead", w: str, error: _Error) -> None:
     """A generative plan: each graph reads and writes the keys and values of exactly its layers, every
-    tensor name means one tensor, and each graph's other inputs come from the caller, the loop or an
-    earlier graph."""
-    d = b.decoder
+    tensor name means one tensor, each graph's other inputs come from the caller, the loop or an
+    earlier graph, and each decode graph's past mask is a stage's."""
     if d.num_layers != b.num_blocks:
-        raise error(f"{w}: decoder.num_layers is {d.num_layers}, the chain covers {b.num_blocks} blocks")
+        raise error(f"{w}: head.num_layers is {d.num_layers}, the chain covers {b.num_blocks} blocks")
+    if d.tokenizer_file not in b.files:
+        raise error(f"{w}: head.tokenizer_file {d.tokenizer_file!r:.80} is not one of the bundle's files")
     if len(d.fills) != len(b.stages) - 1:
-        raise error(f"{w}: decoder.fills must hold one state fill per stage after the first "
+        raise error(f"{w}: head.fills must hold one state fill per stage after the first "
                     f"({len(b.stages) - 1}), found {len(d.fills)}")
     seen: dict[str, tuple] = {t.name: (t.dtype, t.shape, t.role, t.layer) for t in b.inputs}
     for g in b.graphs:
@@ -163,7 +165,7 @@ def _check_decoder(b: "Bundle", w: str, error: _Error) -> None:
                         f"found {_kv_layers(g, side, role)}")
 
     for role in ("new_keys", "new_values"):
-        expect(d.prefill, "out", role, every, "decoder.prefill")
+        expect(d.prefill, "out", role, every, "head.prefill")
         expect(b.full, "out", role, every, "full")
     for role in ("past_keys", "past_values"):
         expect(b.full, "in", role, every, "full")
@@ -173,7 +175,7 @@ def _check_decoder(b: "Bundle", w: str, error: _Error) -> None:
             expect(s.segment, "in" if role.startswith("past") else "out", role, mine, f"stages[{s.index}].segment")
         if s.index > 0:
             for role in ("new_keys", "new_values"):
-                expect(d.fills[s.index - 1], "out", role, mine, f"decoder.fills[{s.index - 1}]")
+                expect(d.fills[s.index - 1], "out", role, mine, f"head.fills[{s.index - 1}]")
         if s.exit is not None:  # the exit attends over the cache of the layer that runs next
             for role in ("past_keys", "past_values"):
                 expect(s.exit.graph, "in", role, [s.exit.block], f"stages[{s.index}].exit.graph")
@@ -184,15 +186,30 @@ def _check_decoder(b: "Bundle", w: str, error: _Error) -> None:
                             "and values")
         elif [r for r in _roles(s.segment, "out") if r not in ("new_keys", "new_values")] != list(FINAL_DECISION):
             raise error(f"{w}: the last stage's segment must output the final decision and its layers' keys and values")
-    for g, at in ((b.full, "full"), (d.prefill, "decoder.prefill")):
+    for g, at in ((b.full, "full"), (d.prefill, "head.prefill")):
         if [r for r in _roles(g, "out") if r not in ("new_keys", "new_values")] != list(FINAL_DECISION):
             raise error(f"{w}: {at} must output the final decision and every layer's keys and values")
     if _roles(d.encode, "out") != ["prefix"] or "prefix" not in _roles(d.prefill, "in"):
-        raise error(f"{w}: decoder.encode must output the image prefix, and decoder.prefill read it")
+        raise error(f"{w}: head.encode must output the image prefix, and head.prefill read it")
+    _check_mask_stages(b, d, w, error)
 
 
-def _check_decisions(b: "Bundle", w: str, error: _Error) -> None:
-    classes = len(b.labels)
+def _check_mask_stages(b: "Bundle", d: "DecoderHead", w: str, error: _Error) -> None:
+    """Each decode graph reads the past mask of the stage whose cache it reads: a segment its own, an exit
+    the next stage's (the layer it shares), the monolithic step the first; no other graph names a stage."""
+    want = {s.segment.key: s.index for s in b.stages}
+    want.update({s.exit.graph.key: s.index + 1 for s in b.stages if s.exit is not None})
+    want[b.full.key] = 0
+    for g in b.graphs:
+        got = [t.stage for t in g.inputs if t.role == "sequence_mask"]
+        if g.key in want and got != [want[g.key]]:
+            raise error(f"{w}: graph {g.key} must read one sequence_mask, of stage {want[g.key]}; found stages {got}")
+        if g.key not in want and any(x is not None for x in got):
+            raise error(f"{w}: graph {g.key} names a stage on its sequence_mask; only decode steps and exits read "
+                        "a past mask")
+
+
+def _check_decisions(b: "Bundle", classes: int, w: str, error: _Error) -> None:
     for g in b.graphs:
         for t in g.outputs:
             kind = decision_field(t.role)
@@ -240,8 +257,6 @@ def _check_preprocess(b: "Bundle", w: str, error: _Error) -> None:
 
 def check_graph_files(b: "Bundle") -> None:
     """Each ONNX file's inputs and outputs against the manifest, for every precision."""
-    from runtimes.onnx_io import read_graph_io
-
     for g in b.graphs:
         for precision, rel in g.files.items():
             inputs, outputs = read_graph_io(b.path(rel))

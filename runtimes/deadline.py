@@ -1,12 +1,13 @@
 """Deadline mode: when a frame's time is up, the best answer computed so far.
 
 ``rt.infer(x, deadline_ms=...)`` starts its clock when the call starts (encoding counts). Before
-each graph the loop asks whether the graph, and the exit head that makes it worth running, can
-still finish in time, from measured costs (``StageClock``); if not, it stops there. Every row that
-has not exited is then answered by its *deepest* exit computed so far (``FORCED_RULE``) and marked
-``forced``: deeper exits agree more with the full model, and the confidences of different heads are
-not calibrated against each other, so the most confident head is no better a pick (measured in
-``benchmarks/deadline_bench.py``). Forced answers are outside the certificate.
+each graph the loop asks (``DeadlineGate``) whether the graph, and the exit head that makes it
+worth running, can still finish in time, from measured costs (``StageClock``); if not, it stops
+there. Every row that has not exited is then answered by its *deepest* exit computed so far
+(``FORCED_RULE``) and marked ``forced``: deeper exits agree more with the full model, and the
+confidences of different heads are not calibrated against each other, so the most confident head is
+no better a pick (measured in ``benchmarks/deadline_bench.py``). Forced answers are outside the
+certificate.
 
 Granularity: one graph call. A graph that has started runs to its end, so a call can overrun its
 deadline by at most the graph that was running (when the cost estimate was too low), and a call
@@ -21,11 +22,16 @@ import numbers
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
 from runtimes.errors import ConfigError
 
-__all__ = ["FORCED_RULE", "StageClock", "Deadline", "DeadlineLog", "DeadlineStats", "check_deadline"]
+if TYPE_CHECKING:
+    import numpy as np
+
+    from runtimes.bundle import Bundle, StageSpec
+
+__all__ = ["FORCED_RULE", "StageClock", "Deadline", "DeadlineGate", "DeadlineLog", "DeadlineStats", "check_deadline"]
 
 FORCED_RULE = "deepest"  # a forced row takes the answer of the deepest exit computed for it
 _WEIGHT = 0.1  # of the newest call in the running mean and deviation of a graph's cost
@@ -89,6 +95,50 @@ class Deadline:
         for key in keys:
             need += self.clock.predict(key, rows) or 0.0  # unknown: start it while there is time at all
         return time.perf_counter() + need <= self.end
+
+
+class Progress(Protocol):
+    """What the gate reads of a walk's rows (``runtimes.chain``)."""
+
+    alive: np.ndarray  # original row index of every row in the state
+
+    def answered(self) -> bool:
+        """Has every open row in the state an exit's answer?"""
+
+
+class DeadlineGate:
+    """One call's deadline over the early-exit stage walk, which asks it before each graph and tells
+    it what each graph cost. A segment runs only if it fits together with the rest of the way to the
+    next answer (a segment alone adds none); an exit head only if it fits on its own (the segment
+    before it may have run longer than expected: one graph past the deadline at most). Until every
+    open row has an exit's answer, graphs run whatever the time."""
+
+    def __init__(self, deadline: Deadline, bundle: Bundle, thresholds: Sequence[float | None], rows: Progress) -> None:
+        """``thresholds``: the walk's own, read as they stand (a head is off once no row waits for one)."""
+        self.deadline, self.bundle, self.thresholds, self.rows = deadline, bundle, thresholds, rows
+
+    def segment(self, stage: StageSpec) -> bool:
+        """May stage's segment run?"""
+        rows = self.rows
+        return not rows.answered() or self.deadline.fits(self._way_to_answer(stage.index), len(rows.alive))
+
+    def head(self, key: str) -> bool:
+        """May this exit head run?"""
+        return not self.rows.answered() or self.deadline.fits((key,), len(self.rows.alive))
+
+    def observe(self, key: str, seconds: float) -> None:
+        self.deadline.clock.observe(key, len(self.rows.alive), seconds)
+
+    def _way_to_answer(self, k: int) -> tuple[str, ...]:
+        """Graph keys from stage k's segment to the next answer: the next exit head that runs, else the
+        final head at the end of the chain."""
+        keys = []
+        for stage in self.bundle.stages[k:]:
+            keys.append(stage.segment.key)
+            if stage.exit is not None and self.thresholds[stage.index] is not None:
+                keys.append(stage.exit.graph.key)
+                break
+        return tuple(keys)
 
 
 @dataclass(frozen=True)

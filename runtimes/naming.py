@@ -1,6 +1,6 @@
 """The few naming rules a bundle still has, in one place.
 
-A bundle's plan (``bundle.json``, schema version 2) lists every graph with its key and kind and
+A bundle's plan (``bundle.json``, schema version 3) lists every graph with its key and kind and
 every tensor with its name and role, so readers (the runtime loop, the backends, calibration,
 validation, a reader in another language) look names up in the plan and never build them. Only
 the writers need the rules below: the builder that lays out a new plan (``runtimes.plan``), the

@@ -19,10 +19,11 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 from runtimes import naming
-from runtimes.bundle import (EXIT_DECISION, FINAL_DECISION, BatchSpec, Bundle, DecoderSpec, ExitSpec, GraphSpec,
-                             StageSpec, TensorSpec)
+from runtimes.bundle import (BatchSpec, Bundle, ClassifierHead, DecoderHead, ExitSpec, GraphSpec, StageSpec,
+                             TensorSpec)
 from runtimes.errors import BundleError
 from runtimes.preprocess import Spec
+from runtimes.roles import EXIT_DECISION, FINAL_DECISION
 
 __all__ = ["GraphLayout", "classifier_layout", "classifier_bundle", "segment_bounds", "decoder_layout",
            "decoder_bundle"]
@@ -31,12 +32,13 @@ __all__ = ["GraphLayout", "classifier_layout", "classifier_bundle", "segment_bou
 @dataclass(frozen=True)
 class GraphLayout:
     key: str
-    kind: str  # segment, exit or full
+    kind: str  # one of runtimes.roles.GRAPH_KINDS
     inputs: tuple[tuple[str, str], ...]  # (tensor name, role), in the graph's argument order
     outputs: tuple[tuple[str, str], ...]
     stage: int | None = None  # chain position of a segment or exit; None for the full graph
     blocks: tuple[int, int] | None = None  # a segment's 0-based half-open block range
     layers: Mapping[str, int] | None = None  # a decoder's key/value tensors: name -> 0-based layer
+    mask_stage: int | None = None  # a decode graph: the stage whose past mask its sequence_mask input is
 
     @property
     def input_names(self) -> tuple[str, ...]:
@@ -91,7 +93,9 @@ def _graph(g: GraphLayout, io: Mapping[str, tuple[Sequence[TensorSpec], Sequence
         if names != [n for n, _ in want]:
             raise BundleError(f"{g.key} was exported with {side} {names}, its layout says {[n for n, _ in want]}")
         layers = g.layers or {}
-        specs.append(tuple(replace(t, role=role, layer=layers.get(t.name)) for t, (_, role) in zip(got, want)))
+        specs.append(tuple(replace(t, role=role, layer=layers.get(t.name),
+                                   stage=g.mask_stage if role == "sequence_mask" else None)
+                           for t, (_, role) in zip(got, want)))
     return GraphSpec(g.key, g.kind, {p: naming.onnx_file(g.key, p) for p in precisions}, specs[0], specs[1])
 
 
@@ -124,7 +128,7 @@ def classifier_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequ
     graphs = {g.key: _graph(g, io, precisions) for g in layout}
     stages = _stages([g for g in layout if g.kind == "segment"], graphs, confidence, head, thresholds, head_costs)
     full = graphs[naming.FULL]
-    return Bundle(name=name, labels=tuple(labels), preprocess=preprocess, inputs=full.inputs, batch=batch,
+    return Bundle(name=name, head=ClassifierHead(tuple(labels)), preprocess=preprocess, inputs=full.inputs, batch=batch,
                   stages=stages, full=full, num_blocks=num_blocks, files=dict(files or {}),
                   provenance=dict(provenance or {}))
 
@@ -151,7 +155,7 @@ def decoder_layout(image_input: str, exits: Sequence[int], num_blocks: int) -> t
     final = tuple(zip(naming.FINAL_DECISION, FINAL_DECISION))
     new_all, new_index = _kv(every, past=False)
     past_all, past_index = _kv(every, past=True)
-    out = [GraphLayout(naming.ENCODE, "prefill", ((image_input, "model_input"),), ((naming.PREFIX, "prefix"),)),
+    out = [GraphLayout(naming.ENCODE, "encode", ((image_input, "model_input"),), ((naming.PREFIX, "prefix"),)),
            GraphLayout(naming.PREFILL, "prefill", ((naming.PREFIX, "prefix"), (naming.PROMPT_IDS, "token_ids"),
                                                     (naming.PROMPT_MASK, "sequence_mask")),
                        (*zip(naming.FIRST_DECISION, FINAL_DECISION), *new_all), layers=new_index)]
@@ -163,17 +167,18 @@ def decoder_layout(image_input: str, exits: Sequence[int], num_blocks: int) -> t
         last = k == len(exits)
         outs = final if last else ((naming.hidden_name(exits[k]), "hidden"),)
         out.append(GraphLayout(naming.step_key(k), "decode_step", (*ins, *mask, *past), (*outs, *new), k, (lo, hi),
-                               {**pidx, **nidx}))
+                               {**pidx, **nidx}, mask_stage=k))
         if not last:
             shared, sidx = _kv((exits[k],), past=True)  # the exit reads the next layer's cache
             out.append(GraphLayout(naming.exit_key(k), "exit", ((naming.hidden_name(exits[k]), "hidden"), *mask, *shared),
-                                   tuple(zip(naming.exit_decision(k), EXIT_DECISION)), k, layers=sidx))
+                                   tuple(zip(naming.exit_decision(k), EXIT_DECISION)), k, layers=sidx,
+                                   mask_stage=k + 1))  # it reads the next stage's first layer's cache
         if k > 0:
             fills.append(GraphLayout(naming.fill_key(k), "state_fill", ((naming.EXIT_HIDDEN, "hidden"),), new, k,
                                      (lo, hi), nidx))
     out += fills
     out.append(GraphLayout(naming.FULL_STEP, "decode_step", (*step_in, *mask, *past_all), (*final, *new_all),
-                           layers={**past_index, **new_index}))
+                           layers={**past_index, **new_index}, mask_stage=0))
     return tuple(out)
 
 
@@ -188,12 +193,11 @@ def decoder_bundle(layout: Sequence[GraphLayout], io: Mapping[str, tuple[Sequenc
     graphs = {g.key: _graph(g, io, precisions) for g in layout}
     steps = [g for g in layout if g.kind == "decode_step" and g.stage is not None]
     stages = _stages(steps, graphs, confidence, "full-block", thresholds, head_costs)
-    decoder = DecoderSpec(encode=graphs[naming.ENCODE], prefill=graphs[naming.PREFILL],
-                          fills=tuple(graphs[naming.fill_key(k)] for k in range(1, len(steps))),
-                          tokenizer_file=tokenizer_file, bos_id=int(tokens["bos"]), eos_id=int(tokens["eos"]),
-                          pad_id=int(tokens["pad"]), vocab_size=int(tokens["vocab_size"]), num_layers=num_blocks,
-                          num_query_tokens=num_query_tokens, max_positions=max_positions)
-    encode = graphs[naming.ENCODE]
-    return Bundle(name=name, labels=(), preprocess=preprocess, inputs=encode.inputs, batch=batch,
+    head = DecoderHead(encode=graphs[naming.ENCODE], prefill=graphs[naming.PREFILL],
+                       fills=tuple(graphs[naming.fill_key(k)] for k in range(1, len(steps))),
+                       tokenizer_file=tokenizer_file, bos_id=int(tokens["bos"]), eos_id=int(tokens["eos"]),
+                       pad_id=int(tokens["pad"]), vocab_size=int(tokens["vocab_size"]), num_layers=num_blocks,
+                       num_query_tokens=num_query_tokens, max_positions=max_positions)
+    return Bundle(name=name, head=head, preprocess=preprocess, inputs=head.encode.inputs, batch=batch,
                   stages=stages, full=graphs[naming.FULL_STEP], num_blocks=num_blocks, files=dict(files or {}),
-                  task="generate", provenance=dict(provenance or {}), decoder=decoder)
+                  provenance=dict(provenance or {}))

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from runtimes.errors import BundleError, FreedeployError
+from runtimes.thresholds import check_thresholds
 from runtimes.typed import from_dict, to_dict
 
 __all__ = ["PRECISIONS", "ENGINE_PRECISIONS", "INT8_HEADS", "StageCosts", "ExitChoice", "SpeculativeChoice", "Certificate", "GraphBuild", "EngineSet", "FileCheck", "Mismatch",
-           "ChainParity", "PrecisionCheck", "DecodeCheck", "ValidationReport", "read_json_record", "BUILD_SCHEMA", "VALIDATION_FILE",
-           "check_thresholds", "schemas"]
+           "ChainParity", "PrecisionCheck", "DecodeCheck", "ValidationReport", "read_json_record", "BUILD_SCHEMA", "VALIDATION_FILE"]
 
 # what TensorRT builds: the precision is inside the ONNX (fp16 mixed, or explicit Q/DQ int8)
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
@@ -33,13 +33,6 @@ PRECISIONS = (*ENGINE_PRECISIONS, INT8_HEADS)
 BUILD_SCHEMA = 1
 VALIDATION_FILE = "validation.json"
 _Error = type[FreedeployError]
-
-
-def check_thresholds(thresholds: tuple[float | None, ...], where: str, error: _Error = BundleError) -> None:
-    """Thresholds are probabilities-like confidences: finite and in [0, 1], or None (exit off)."""
-    for i, t in enumerate(thresholds):
-        if t is not None and not (math.isfinite(t) and 0.0 <= t <= 1.0):
-            raise error(f"{where}: threshold {i} must be in [0, 1] or null (exit off), found {t!r}")
 
 
 class _Record:
@@ -209,16 +202,25 @@ class FileCheck(_Record):
 @dataclass(frozen=True)
 class DecodeCheck(_Record):
     """A generative bundle: greedy decoding by the chained ONNX graphs against the torch reference on
-    every test sample, with exits off and with every exit on at ``threshold``."""
+    every test sample, with exits off and with every exit on at ``threshold``, for the KV rule ``kv``
+    (recomputation, the runtime's default) and for state propagation; a mismatch is a sequence whose
+    tokens or exit blocks differ from torch's. Reports written before ``kv`` existed checked
+    propagation only, and keyed ``exits_taken`` by exit index."""
 
     sequences: int
     max_new: int
     tokens_exits_off: int
-    mismatched_exits_off: int  # sequences whose tokens or exits differ from torch's
+    mismatched_exits_off: int
     threshold: float
     tokens_exits_on: int
     mismatched_exits_on: int
-    exits_taken: Mapping[str, int]  # exits on: tokens per exit index ("0", ...; the final head last)
+    exits_taken: Mapping[str, int]  # exits on: tokens per exit block ("2", ...; "final": the final head)
+    kv: str = field(default="propagate", metadata={"choices": ("recompute", "propagate")})  # the exits-on check's rule
+    tokens_propagate: int | None = field(default=None, metadata={"omit_none": True})  # exits on, state propagation
+    mismatched_propagate: int | None = field(default=None, metadata={"omit_none": True})
+    # multiply-adds per new token of each decoding graph, from its weight matrices (attention over the cache
+    # left out): what benchmarks report analytic work with, without reading the graphs
+    graph_macs: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -287,20 +289,3 @@ def read_json_record(cls: type, path: str | os.PathLike, error: _Error = BundleE
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise error(f"{path} is not readable JSON: {str(exc)[:200]}") from None
     return from_dict(cls, data, f"{path}:", error)
-
-
-def schemas() -> dict[str, dict]:
-    """The published JSON Schemas of every file a bundle holds, by file name under ``docs/schema/``;
-    ``make schema`` writes them, a test checks they match the code."""
-    from runtimes.bundle import SCHEMA_VERSION, Bundle
-    from runtimes.schema import dataclass_schema
-
-    base = "https://freedeploy.dev/schema/"
-    return {
-        "bundle.schema.json": dataclass_schema(Bundle, title=f"freedeploy bundle.json, schema version {SCHEMA_VERSION}",
-                                               schema_id=f"{base}bundle-v{SCHEMA_VERSION}.json"),
-        "build.schema.json": dataclass_schema(EngineSet, title=f"freedeploy engine set build.json, schema {BUILD_SCHEMA}",
-                                              schema_id=f"{base}build-v{BUILD_SCHEMA}.json"),
-        "validation.schema.json": dataclass_schema(ValidationReport, title="freedeploy validation.json",
-                                                   schema_id=f"{base}validation.json"),
-    }

@@ -19,9 +19,8 @@ MICRO_TEXT = {"hidden_size": 32, "num_attention_heads": 2, "intermediate_size": 
 
 def split_arrays(run_dir, split: str = "test") -> dict:
     """Model input arrays of one split of a run dir, encoded as at export."""
-    from freedeploy.exporting import run_split
     from freedeploy.inputs import Encoder
-    from freedeploy.rundir import load_run
+    from freedeploy.rundir import load_run, run_split
 
     _, info = load_run(run_dir)
     data, idx = run_split(info, split)
@@ -80,7 +79,7 @@ def micro_run(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def micro_bundle(micro_run, tmp_path_factory: pytest.TempPathFactory):
     """The micro run exported to an fp32 ONNX bundle (validated)."""
-    from freedeploy.exporting import export_run
+    from freedeploy.cli.export_run import export_run
 
     return export_run(micro_run, tmp_path_factory.mktemp("bundles") / "micro", target="onnx", max_batch=16)
 
@@ -98,7 +97,7 @@ def micro_text_run(tweets_csv, tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def micro_text_bundle(micro_text_run, tmp_path_factory: pytest.TempPathFactory):
-    from freedeploy.exporting import export_run
+    from freedeploy.cli.export_run import export_run
 
     return export_run(micro_text_run, tmp_path_factory.mktemp("bundles") / "text", target="onnx", max_batch=16)
 
@@ -119,7 +118,7 @@ def micro_vqa_run(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def micro_vqa_bundle(micro_vqa_run, tmp_path_factory: pytest.TempPathFactory):
-    from freedeploy.exporting import export_run
+    from freedeploy.cli.export_run import export_run
 
     return export_run(micro_vqa_run, tmp_path_factory.mktemp("bundles") / "vqa", target="onnx", max_batch=16)
 
@@ -161,8 +160,8 @@ def decoder_reference(model):
     """The torch reference decoder the exported chain must equal."""
     from freedeploy.generative.decode import greedy
 
-    return lambda image, prompt, max_new, thresholds: greedy(model, image, prompt, max_new, DECODER_EOS,
-                                                             thresholds=thresholds)
+    return lambda image, prompt, max_new, thresholds, kv: greedy(model, image, prompt, max_new, DECODER_EOS,
+                                                                 thresholds=thresholds, kv=kv)
 
 
 @pytest.fixture(scope="session")

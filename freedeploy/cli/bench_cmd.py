@@ -69,13 +69,13 @@ def bench(bundle_dir: str, batches: list[int], backend: str, device: str | None,
     """Latency and throughput of the early-exit chain against the monolithic graph."""
     from analysis.benchmark import cost_model, head_costs, latency, summarise, throughput
     from analysis.evaluation import bundle_split
-    from runtimes import Runtime
+    from runtimes import Generator, Runtime
 
     options: dict[str, Any] = {"threads": threads} if threads else {}
     if not spin:
         options["spinning"] = False
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, **options)
-    if rt.bundle.decoder is not None:
+    if isinstance(rt, Generator):
         _bench_generative(rt, data_spec, split, runs, plot_dir, as_json)
         return
     data, idx = bundle_split(rt.bundle, data_spec, split)

@@ -65,10 +65,10 @@ def calibrate(bundle_dir: str, data_spec: str | None, split: str | None, backend
               selection_seed: int | None, level: str | None, max_rows: int | None, as_json: bool) -> None:
     """Certified exit thresholds (Learn-then-Test), written into the bundle with their certificate."""
     from calibration.calibrate import calibrate_runtime
-    from runtimes import Runtime
+    from runtimes import Generator, Runtime
 
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision)
-    if rt.bundle.decoder is not None:
+    if isinstance(rt, Generator):
         if use_labels or latency_budget_ms is not None or paths != "shared":
             raise click.UsageError("generative bundles certify agreement with the full model's greedy text: "
                                    "--labels, --latency-budget-ms and --paths apply to classifiers")
@@ -190,11 +190,11 @@ def eval_(bundle_dir: str, data_spec: str | None, split: str | None, backend: st
           precision: str | None, as_json: bool) -> None:
     """Accuracy, agreement with the full model, exits and analytic speed-up at the bundle's thresholds."""
     from analysis.evaluation import evaluate
-    from runtimes import Runtime
+    from runtimes import Generator, Runtime
 
     split = split or "test"
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision)
-    if rt.bundle.decoder is not None:
+    if isinstance(rt, Generator):
         from analysis.generation import evaluate_generation, generation_rows
 
         rows = generation_rows(rt, data_spec, split)

@@ -76,7 +76,7 @@ def export(run_dir: str, target: str, out: str | None, max_batch: int, opt_batch
            calib_samples: int, confidence: str, exit_head: str, head_weights: str, max_accuracy_drop: float,
            no_validate: bool, overwrite: bool, as_json: bool) -> None:
     """Export a run dir to a bundle: every segment and exit head as ONNX, validated against torch."""
-    from freedeploy.exporting import export_run
+    from freedeploy.cli.export_run import export_run
 
     out_path = Path(out or f"bundles/{Path(run_dir).name}")
     result = export_run(Path(run_dir), out_path, target=target, max_batch=max_batch, opt_batch=opt_batch,
@@ -134,7 +134,10 @@ def _export_summary(v: "ValidationReport") -> str:
         lines.append(f"greedy decoding, chained ONNX Runtime vs torch on {d.sequences} test samples: exits off "
                      f"{d.sequences - d.mismatched_exits_off} identical ({d.tokens_exits_off} tokens), every exit on at "
                      f"{d.threshold:g} {d.sequences - d.mismatched_exits_on} identical ({d.tokens_exits_on} tokens; "
-                     "tokens per exit: " + ", ".join(f"{k}: {n}" for k, n in sorted(d.exits_taken.items())) + ")")
+                     "tokens per exit block: " + ", ".join(f"{k}: {n}" for k, n in d.exits_taken.items()) + f"; {d.kv})")
+        if d.tokens_propagate is not None:
+            lines.append(f"  with state propagation: {d.sequences - d.mismatched_propagate} identical "
+                         f"({d.tokens_propagate} tokens)")
     for r in (v.precision, v.head_weights):
         if r is None:
             continue

@@ -34,13 +34,14 @@ def describe(bundle_dir: Path) -> dict[str, Any]:
                       "tolerance": v.get("tolerance"), "per_file": per_file,
                       "chain_parity": (v.get("chain_parity") or {}).get("equal"), "precision": v.get("precision"),
                       "head_weights": v.get("head_weights"), "decoding": v.get("decoding")}
+    # the head's facts, its graphs apart (they are listed with the stages): a classifier's labels, a decoder's tokens
+    facts = {k: v for k, v in vars(b.head).items() if k not in ("encode", "prefill", "fills", "task")}
     return {"name": b.name, "schema_version": b.schema_version, "file_schema_version": b.loaded_version,
-            "labels": list(b.labels),
+            "labels": list(facts.pop("labels", ())),
             "preprocess": b.preprocess.to_dict(), "inputs": [(t.name, t.dtype, list(t.shape)) for t in b.inputs],
             "batch": vars(b.batch), "num_blocks": b.num_blocks, "precisions": list(b.precisions),
             "stages": stages, "files": len(b.files), "task": b.task,
-            "decoder": None if b.decoder is None else {
-                k: v for k, v in vars(b.decoder).items() if k not in ("encode", "prefill", "fills")},
+            "decoder": facts or None,
             "calibration": {k: c.to_dict() for k, c in (b.calibration or {}).items()} or None, "validation": validation,
             "engines": _engines(bundle_dir)}
 

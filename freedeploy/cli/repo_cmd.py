@@ -8,7 +8,7 @@ import click
 from freedeploy.cli.choices import BACKEND_CHOICES, PRECISION_CHOICES
 from freedeploy.cli.output import emit_json, table
 from freedeploy.cli.run_cmd import parse_thresholds
-from runtimes.serve.protocol import DEFAULT_QUEUE_DELAY_US
+from serving.protocol import DEFAULT_QUEUE_DELAY_US
 
 
 @click.command("triton-repo")
@@ -39,7 +39,7 @@ def triton_repo(bundle_dir: str, out: str, name: str | None, max_batch: int | No
     """Write BUNDLE_DIR as two models (raw inputs, preprocessed inputs) into a Triton model repository,
     with a copy of the bundle and of the runtime: the server's Python needs only numpy, onnxruntime,
     and Pillow or tokenizers."""
-    from runtimes.serve.repository import write_repository
+    from serving.repository import write_repository
 
     summary = write_repository(bundle_dir, out, name=name, max_batch=max_batch, queue_delay_us=queue_delay_us,
                                instances=instances, early_exit=not no_early_exit, overwrite=overwrite,

@@ -11,22 +11,33 @@ import click
 
 from freedeploy.cli.choices import BACKEND_CHOICES, PRECISION_CHOICES
 from freedeploy.cli.output import emit_json
-from runtimes.runtime import GENERATE_MODES
+from runtimes.genconfig import Mode
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v")
 
 
 def parse_thresholds(ctx: click.Context, param: click.Parameter, value: str | None) -> list[float | None] | None:
+    """``0.9,off,never``: a number in [0, 1], ``off`` (the exit is not run) or ``never`` (it runs and never
+    fires) per exit; the count is checked against the bundle when it is loaded."""
+    from runtimes.errors import FreedeployError
+    from runtimes.thresholds import NEVER, check_thresholds
+
     if value is None:
         return None
     out: list[float | None] = []
+    words = {"off": None, "none": None, "never": NEVER}
     for part in value.split(","):
         part = part.strip().lower()
         try:
-            out.append(None if part in ("off", "none") else float(part))
+            out.append(words[part] if part in words else float(part))
         except ValueError:
-            raise click.BadParameter(f"expected numbers or 'off' separated by commas, got {value!r}") from None
+            raise click.BadParameter(f"expected numbers in [0, 1], 'off' or 'never' separated by commas, "
+                                     f"got {value!r}") from None
+    try:
+        check_thresholds(out, "--thresholds", never=True)
+    except FreedeployError as exc:
+        raise click.BadParameter(str(exc)) from None
     return out
 
 
@@ -89,7 +100,7 @@ def _frames(source: int | str, name: str, max_frames: int | None) -> Iterator[tu
 @click.option("--max-frames", type=click.IntRange(1), help="Stop a video or camera after this many frames.")
 @click.option("--question", help="Vision-language bundles: the question asked about every image.")
 @click.option("--prompt", help="Generative bundles: the prompt (a question) for every image [default: none].")
-@click.option("--mode", type=click.Choice(GENERATE_MODES), default="exit", show_default=True,
+@click.option("--mode", type=click.Choice([m.value for m in Mode]), default="exit", show_default=True,
               help="Generative bundles: exit (each token leaves at the first confident exit), speculative (an exit "
                    "drafts, the full model checks: the full model's text) or full (the monolithic decoder).")
 @click.option("--max-new-tokens", type=click.IntRange(1), help="Generative bundles [default: what the positions allow].")
@@ -125,7 +136,7 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
     --deadline-ms and --monitor end the run with a summary on stderr: answers forced by the
     deadline, and the drift monitor's checks, disagreement and upper bound against the tolerance.
     """
-    from runtimes import Runtime
+    from runtimes import Generator, Runtime
     from runtimes.deadline import check_deadline
     from runtimes.errors import ConfigError, InputError
     from runtimes.preprocess import ImageTextSpec, TextSpec
@@ -142,7 +153,7 @@ def run(bundle_dir: str, inputs: tuple[str, ...], backend: str, device: str | No
     rt = Runtime.load(bundle_dir, backend=backend, device=device, precision=precision, policy=policy, **watched)
     if thresholds is not None:
         rt.thresholds = thresholds
-    if rt.bundle.decoder is not None:
+    if isinstance(rt, Generator):
         if question is not None:
             raise ConfigError("a generative bundle takes --prompt, not --question")
         if deadline_ms is not None:

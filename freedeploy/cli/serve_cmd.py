@@ -9,9 +9,9 @@ import click
 from freedeploy.cli.choices import BACKEND_CHOICES, PRECISION_CHOICES
 from freedeploy.cli.output import note
 from freedeploy.cli.run_cmd import parse_thresholds
-from runtimes.serve.protocol import DEFAULT_QUEUE_DELAY_US
+from serving.protocol import DEFAULT_QUEUE_DELAY_US
 
-ENGINES = ("tritonserver", "pytriton")  # runtimes.serve.server.ENGINES, without importing it for --help
+ENGINES = ("tritonserver", "pytriton")  # serving.server.ENGINES, without importing it for --help
 
 
 @click.command()
@@ -51,10 +51,10 @@ def serve(ctx: click.Context, bundle_dir: str, name: str | None, host: str, http
     label, class, confidence, exit_index, block and error (empty, or why that row did not run).
 
     Needs the serve extra (PyTriton, which ships the server and pins numpy<2: an environment of its
-    own, see README).
+    own, see docs/serving.md).
     Runs until Ctrl-C or SIGTERM, then stops Triton and removes everything it started.
     """
-    from runtimes.serve.server import ServeConfig, ready_line, serve as run_server
+    from serving.server import ServeConfig, ready_line, serve as run_server
 
     verbose = ctx.find_root().params.get("verbose", 0) or 0
     config = ServeConfig(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,

@@ -44,8 +44,8 @@ from freedeploy.inputs import TOKENIZER_FILE
 from freedeploy.model import check_exits
 from freedeploy.rundir import MANIFEST, RUN_DIR, RUN_FORMAT_VERSION, WEIGHTS, load_weights, read_manifest
 from freedeploy.settings import AUGMENTS, AUTO, PRETRAINED_FINETUNE, SCRATCH_FINETUNE, TrainConfig
-from freedeploy.train import (TrainResult, _bar, _notify, _precision, _schedule, _sources, _versions,
-                              default_exits, random_shift)
+from freedeploy.training import (TrainResult, default_exits, lr_schedule, notify, progress_bar, random_shift,
+                                 read_paths, resolve_precision, versions)
 from runtimes.atomic import atomic_directory, check_target
 from runtimes.errors import ConfigError, ModelError
 from runtimes.preprocess import ImageSpec
@@ -120,7 +120,7 @@ class _Source:
 def _build(config: Any) -> Any:
     from transformers import Blip2ForConditionalGeneration
 
-    config._attn_implementation = "eager"  # what the export traces; see freedeploy.backbones.build_from_config
+    config._attn_implementation = "eager"  # what the export traces; see freedeploy.architectures.build_from_config
     return Blip2ForConditionalGeneration(config).eval()
 
 
@@ -212,7 +212,7 @@ def _resolve(cfg: TrainConfig, source: _Source) -> TrainConfig:
                           f"got {max_length}")
     lr = default_lr if cfg.finetune_lr is None else cfg.finetune_lr
     return replace(cfg, exits=exits, finetune_epochs=epochs, finetune_lr=lr, augment=augment, exit_head="full-block",
-                   max_length=max_length, precision=_precision(cfg.precision, cfg.device))
+                   max_length=max_length, precision=resolve_precision(cfg.precision, cfg.device))
 
 
 def _device(requested: str) -> torch.device:
@@ -252,9 +252,9 @@ def finetune(model: EarlyExitDecoder, batches: _Batches, pool: np.ndarray, cfg: 
     hf = model.hf.train()
     model.train()
     opt = torch.optim.AdamW(hf.parameters(), lr=cfg.finetune_lr, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, steps, cfg.warmup)
+    sched = lr_schedule(opt, steps, cfg.warmup)
     stream = BatchStream(pool, cfg.batch_size, cfg.seed, 1)
-    with _bar(steps, "stage 1: language model", cfg.progress) as bar:
+    with progress_bar(steps, "stage 1: language model", cfg.progress) as bar:
         for step in range(steps):
             torch.manual_seed(step_seed(cfg.seed, 1, step))
             b = batches(stream.batch(step), step_seed(cfg.seed, 11, step))
@@ -319,13 +319,13 @@ def train_exits(model: EarlyExitDecoder, batches: _Batches, pool: np.ndarray, la
     objective = TokenExitObjective(model.heads, model.hidden_size, weights).to(device).train()
     steps = cfg.exit_epochs * math.ceil(train_rows / cfg.batch_size)
     opt = torch.optim.AdamW(model.heads.parameters(), lr=cfg.exit_lr, weight_decay=cfg.weight_decay)
-    sched = _schedule(opt, steps, cfg.warmup)
+    sched = lr_schedule(opt, steps, cfg.warmup)
     opt_d = (torch.optim.AdamW(objective.disc.parameters(), lr=cfg.exit_lr, betas=(0.5, 0.999))
              if objective.disc is not None else None)
     is_labelled = np.zeros(num_rows, dtype=bool)
     is_labelled[labelled] = True
     stream = BatchStream(pool, cfg.batch_size, cfg.seed, 2)
-    with _bar(steps, f"stage 2: exits ({cfg.objective})", cfg.progress) as bar:
+    with progress_bar(steps, f"stage 2: exits ({cfg.objective})", cfg.progress) as bar:
         for step in range(steps):
             torch.manual_seed(step_seed(cfg.seed, 2, step))
             idx = stream.batch(step)
@@ -410,7 +410,7 @@ def evaluate_generative(model: EarlyExitDecoder, enc: CaptionEncoder, indices: n
 def train_generative(cfg: TrainConfig, on_stage: Callable[[str], None] | None = None) -> TrainResult:
     """Both stages for a BLIP-2 decoder; writes the run dir atomically and returns val/test metrics."""
     t0 = time.perf_counter()
-    check_target(Path(cfg.out), cfg.overwrite, RUN_DIR, _sources(cfg))  # before minutes of work
+    check_target(Path(cfg.out), cfg.overwrite, RUN_DIR, read_paths(cfg))  # before minutes of work
     device = _device(cfg.device)
     torch.manual_seed(cfg.seed)
     data = load_dataset(cfg.data)
@@ -425,15 +425,15 @@ def train_generative(cfg: TrainConfig, on_stage: Callable[[str], None] | None = 
     enc.check()  # a too-long text fails now, not after stage 1
     batches = _Batches(enc, cfg.augment, device)
     hf = source.hf.to(device)
-    with atomic_directory(cfg.out, overwrite=cfg.overwrite, kind=RUN_DIR, inputs=_sources(cfg)) as out_dir:
+    with atomic_directory(cfg.out, overwrite=cfg.overwrite, kind=RUN_DIR, inputs=read_paths(cfg)) as out_dir:
         if cfg.finetune_epochs:
-            _notify(on_stage, f"stage 1: training {cfg.model} as a language model on {len(labelled)} labelled rows")
+            notify(on_stage, f"stage 1: training {cfg.model} as a language model on {len(labelled)} labelled rows")
             finetune(EarlyExitDecoder(hf, cfg.exits), batches, labelled, cfg, device)
         model = EarlyExitDecoder(hf, cfg.exits).to(device)  # exits copy the trained next layers
         pool = stage2_pool(cfg.objective, splits["train"], labelled)
-        _notify(on_stage, f"stage 2: training exits {list(cfg.exits)} with objective {cfg.objective}")
+        notify(on_stage, f"stage 2: training exits {list(cfg.exits)} with objective {cfg.objective}")
         train_exits(model, batches, pool, labelled, len(data), len(splits["train"]), cfg, device)
-        _notify(on_stage, "evaluating (teacher forcing and greedy decoding)")
+        notify(on_stage, "evaluating (teacher forcing and greedy decoding)")
         metrics: dict[str, Any] = {"test": evaluate_generative(model, enc, splits["test"], device, cfg.seed),
                                    "val": evaluate_generative(model, enc, splits["val"], device, cfg.seed)}
         resolved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()}
@@ -466,7 +466,7 @@ def _manifest(cfg: TrainConfig, model: EarlyExitDecoder, data: Dataset, image_sp
                  "split_digests": {k: split_digest(v) for k, v in splits.items()}},
         "source_model": cfg.model,
         "train_config": resolved,
-        "versions": _versions(),
+        "versions": versions(),
     }
 
 

@@ -224,11 +224,11 @@ class OrtBackend(Backend):
         return state
 
     def _bound_plan(self) -> dict[str, Any] | None:
-        """What a bound chain needs, or None where the batch-1 bound path does not apply: on CUDA, for a
-        decoder, or when a chain graph has no session here (``graphs=``), a named axis besides the
-        batch (buffers need every other size fixed), or an element type without a numpy dtype."""
+        """What a bound chain needs, or None where the batch-1 bound path does not apply: on CUDA, or when
+        a chain graph has no session here (``graphs=``), a named axis besides the batch (buffers need every
+        other size fixed: a decoder's steps have them), or an element type without a numpy dtype."""
         bundle = self.bundle
-        if self.cuda or bundle.decoder is not None or bundle.task != "classify":
+        if self.cuda:
             return None
         keys = [g.key for s in bundle.stages for g in ((s.segment, s.exit.graph) if s.exit else (s.segment,))]
         if any(k not in self.sessions for k in keys):

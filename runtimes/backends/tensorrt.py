@@ -70,7 +70,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from runtimes.backends.base import Backend
-from runtimes.bundle import ENGINE_PRECISIONS, Bundle, decision_field
+from runtimes.bundle import ENGINE_PRECISIONS, Bundle, ClassifierHead, decision_field
 from runtimes.backends.tensorrt_device import (BUILD_FILE, BUILD_SCHEMA, ENGINES_DIR, DeviceInfo, cuda_check,
                                                detect_device, find_engine_dir, import_cudart, import_tensorrt,
                                                install_hint, native_handle, read_build, target_key)
@@ -157,7 +157,10 @@ class TensorRTBackend(Backend):
         self.engine_dir = self._engine_dir(engine_dir)
         self.build = read_build(self.engine_dir)
         self.max_batch = self.bundle.batch.max
-        self._tensors = _layouts(self.bundle, named=self.bundle.decoder is not None)
+        # a classifier's chain runs through start/run/fetch on buffers made here; a decoder's graphs run in
+        # the decoding loop, on buffers of its own (decode_memory), with named axes besides the batch
+        self._chain = isinstance(self.bundle.head, ClassifierHead)
+        self._tensors = _layouts(self.bundle, named=not self._chain)
         # the decisions (logits, confidences, predictions): what fetch reads, so they get pinned landing buffers
         self._results = sorted({t.name for g in self.bundle.graphs for t in g.outputs
                                 if decision_field(t.role)})
@@ -168,7 +171,7 @@ class TensorRTBackend(Backend):
         self._stream = self._cuda(cudart.cudaStreamCreate(), "cudaStreamCreate")
         self._stream_handle = native_handle(self._stream)  # execute_async_v3 takes the raw handle
         self._event = self._cuda(cudart.cudaEventCreate(), "cudaEventCreate")
-        if self.bundle.decoder is None:  # a decoder's buffers belong to its decoding sessions (decode_memory)
+        if self._chain:
             self._free.append(self._new_buffers())  # allocate up front: out-of-memory shows at load, not mid-call
 
     @property
@@ -277,7 +280,7 @@ class TensorRTBackend(Backend):
 
     # the Backend interface -----------------------------------------------------------------------------------
     def start(self, inputs: dict[str, np.ndarray]) -> _State:
-        if self.bundle.decoder is not None:
+        if not self._chain:
             raise ConfigError(f"bundle {self.bundle.name!r} generates text: on TensorRT its graphs run in the decoding "
                               "loop (Runtime.generate), not through start/run/fetch")
         arrays, batch = self._check_inputs(inputs)

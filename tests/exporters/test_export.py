@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from freedeploy.exporting import export_run
+from freedeploy.cli.export_run import export_run
 from runtimes.bundle import load_bundle
 from runtimes.errors import ConfigError
 from tests.conftest import split_arrays

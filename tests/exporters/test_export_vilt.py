@@ -33,7 +33,7 @@ def test_manifest_describes_image_and_question_preprocessing(micro_vqa_bundle) -
     b = micro_vqa_bundle.bundle
     assert isinstance(b.preprocess, ImageTextSpec)
     assert b.preprocess.image.size == (32, 32) and b.preprocess.text.tokenizer_file == "tokenizer.json"
-    assert "tokenizer.json" in b.files and b.labels == tuple(str(i) for i in range(10)) + ("yes", "no")
+    assert "tokenizer.json" in b.files and b.head.labels == tuple(str(i) for i in range(10)) + ("yes", "no")
     data = json.loads((micro_vqa_bundle.out / "bundle.json").read_text())
     assert data["preprocess"]["kind"] == "image-text" and data["provenance"]["source"]["adapter"] == "vilt"
 

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from freedeploy.cli import cli
-from freedeploy.exporting import export_run
+from freedeploy.cli.export_run import export_run
 from runtimes import Runtime
 from runtimes.bundle import INT8_HEADS
 from tests.conftest import split_arrays

@@ -35,7 +35,7 @@ def bundle_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _require_tensorrt_and_gpu()
     try:
         importlib.import_module("exporters.export")
-        export_run = importlib.import_module("freedeploy.exporting").export_run
+        export_run = importlib.import_module("freedeploy.cli.export_run").export_run
     except ModuleNotFoundError as exc:
         pytest.skip(f"the ONNX exporter is not available yet ({exc}); these tests need a real exported bundle")
     from click.testing import CliRunner

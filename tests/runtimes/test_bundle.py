@@ -1,4 +1,4 @@
-"""The bundle contract: golden manifests keep loading (version 1 through the migration, version 2
+"""The bundle contract: golden manifests keep loading (versions 1 and 2 through the migration, version 3
 as written), round trips are lossless, and damaged bundles fail with BundleError."""
 
 from __future__ import annotations
@@ -10,26 +10,28 @@ from pathlib import Path
 
 import pytest
 
-from runtimes.bundle import SCHEMA_VERSION, load_bundle, save_bundle
+from runtimes.bundle import SCHEMA_VERSION, ClassifierHead, load_bundle, save_bundle
 from runtimes.errors import BundleError
 from runtimes.preprocess import ImageSpec
 from runtimes.records import Certificate
 
 HERE = Path(__file__).parent
 GOLDEN = HERE / "golden_bundle"  # schema version 1, as written before the plan became data
-GOLDEN_V2 = HERE / "golden_bundle_v2"
+GOLDEN_V2 = HERE / "golden_bundle_v2"  # task, labels at the top level
+GOLDEN_V3 = HERE / "golden_bundle_v3"  # the head as a tagged union
 
 
-@pytest.fixture(params=[GOLDEN, GOLDEN_V2], ids=["v1", "v2"])
+@pytest.fixture(params=[GOLDEN, GOLDEN_V2, GOLDEN_V3], ids=["v1", "v2", "v3"])
 def bundle_dir(request, tmp_path: Path) -> Path:
     return Path(shutil.copytree(request.param, tmp_path / "b"))
 
 
-@pytest.mark.parametrize("golden, version", [(GOLDEN, 1), (GOLDEN_V2, 2)])
+@pytest.mark.parametrize("golden, version", [(GOLDEN, 1), (GOLDEN_V2, 2), (GOLDEN_V3, 3)])
 def test_golden_bundles_keep_loading(golden: Path, version: int) -> None:
     b = load_bundle(golden)
-    assert b.schema_version == SCHEMA_VERSION == 2 and b.loaded_version == version
-    assert b.name == "golden" and len(b.labels) == 10 and b.num_blocks == 8
+    assert b.schema_version == SCHEMA_VERSION == 3 and b.loaded_version == version
+    assert isinstance(b.head, ClassifierHead) and b.task == "classify"
+    assert b.name == "golden" and len(b.head.labels) == 10 and b.num_blocks == 8
     assert isinstance(b.preprocess, ImageSpec) and b.preprocess.size == (32, 32)
     assert [s.blocks for s in b.stages] == [(0, 2), (2, 8)]
     assert b.exits[0].block == 2 and b.thresholds == (0.9,) and b.exits[0].confidence == "max_softmax"
@@ -43,8 +45,8 @@ def test_golden_bundles_keep_loading(golden: Path, version: int) -> None:
     assert b.exits[0].decision == ("confidence_0", "prediction_0") and b.final_decision == ("confidence", "prediction")
 
 
-def test_migration_writes_what_version_2_holds() -> None:
-    assert load_bundle(GOLDEN) == load_bundle(GOLDEN_V2)
+def test_migration_writes_what_version_3_holds() -> None:
+    assert load_bundle(GOLDEN) == load_bundle(GOLDEN_V2) == load_bundle(GOLDEN_V3)
 
 
 def test_round_trip_is_lossless(bundle_dir: Path) -> None:
@@ -52,7 +54,7 @@ def test_round_trip_is_lossless(bundle_dir: Path) -> None:
     save_bundle(first, bundle_dir)
     saved = json.loads((bundle_dir / "bundle.json").read_text())
     assert load_bundle(bundle_dir) == first
-    assert saved == json.loads((GOLDEN_V2 / "bundle.json").read_text())  # v1 is saved as v2, nothing else changes
+    assert saved == json.loads((GOLDEN_V3 / "bundle.json").read_text())  # saved as v3, nothing else changes
 
 
 def _certificate(thresholds: tuple) -> Certificate:
@@ -78,7 +80,7 @@ def _edit(bundle_dir: Path, change) -> None:
 
 
 @pytest.mark.parametrize("change, words", [
-    (lambda d: d.update(schema_version=3), "upgrade freedeploy"),
+    (lambda d: d.update(schema_version=4), "upgrade freedeploy"),
     (lambda d: d.pop("stages"), "'stages' is missing"),
     (lambda d: d.update(num_blocks="8"), "'num_blocks' must be an integer"),
     (lambda d: d["stages"][0]["exit"].update(threshold="high"), "'threshold' must be"),

@@ -110,7 +110,8 @@ CASES = {
                                "stages[1].exit reads block 1, but its segment ends at block 3"),
     "num_blocks below zero": (lambda p: _manifest(p, lambda d: d.update(num_blocks=-1)), "'num_blocks' must be at least 2"),
     "num_blocks past the stages": (lambda p: _manifest(p, lambda d: d.update(num_blocks=9)), "the model has 9 blocks"),
-    "labels and class count": (lambda p: _manifest(p, lambda d: d.update(labels=d["labels"][:5])), "there are 5 labels"),
+    "labels and class count": (lambda p: _manifest(p, lambda d: d["head"].update(labels=d["head"]["labels"][:5])),
+                               "there are 5 labels"),
     "threshold NaN": (lambda p: _manifest(p, lambda d: d["stages"][0]["exit"].update(threshold=float("nan"))),
                       "'threshold' must be a finite number"),
     "threshold negative": (lambda p: _manifest(p, lambda d: d["stages"][0]["exit"].update(threshold=-0.5)),
@@ -168,7 +169,7 @@ def test_inconsistent_manifest_is_one_bundle_error(bundle: Path, case: str) -> N
 
 def test_the_intact_bundle_loads(bundle: Path) -> None:
     b = load_bundle(bundle)
-    assert b.loaded_version == 2 and b.precisions == ("fp32", "fp16")
+    assert b.loaded_version == 3 and b.precisions == ("fp32", "fp16")
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -181,16 +182,18 @@ def test_v1_digits_bundle_gives_the_same_answers(precision: str) -> None:
     res = rt.infer(x)
     assert np.array_equal(res.classes, want[f"{precision}_classes"])
     assert np.array_equal(res.exits, want[f"{precision}_exits"])
-    assert np.array_equal(res.confidences, want[f"{precision}_confidences"])
+    # ONNX Runtime picks its kernels by CPU (AVX2, AVX-512, ...): a confidence's last bits may move between
+    # machines, the decisions may not
+    np.testing.assert_allclose(res.confidences, want[f"{precision}_confidences"], rtol=0, atol=2e-6)
     rec = rt.record(x)
     assert np.array_equal(rec.predictions, want[f"{precision}_record_pred"])
-    assert np.array_equal(rec.confidences, want[f"{precision}_record_conf"])
+    np.testing.assert_allclose(rec.confidences, want[f"{precision}_record_conf"], rtol=0, atol=2e-6)
     assert (res.exits < 2).mean() > 0.5  # the exits fire: the comparison covers early answers
 
 
 def test_inspect_shows_the_file_version() -> None:
     res = CliRunner().invoke(cli, ["inspect", str(V1_DIGITS)])
-    assert res.exit_code == 0 and "schema 1, read as 2" in res.output
+    assert res.exit_code == 0 and "schema 1, read as 3" in res.output
     res = CliRunner().invoke(cli, ["inspect", str(V1_DIGITS), "--json"])
     info = json.loads(res.output)
-    assert info["schema_version"] == 2 and info["file_schema_version"] == 1
+    assert info["schema_version"] == 3 and info["file_schema_version"] == 1

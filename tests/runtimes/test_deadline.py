@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from runtimes.thresholds import NEVER
 from runtimes.backends.fake import FakeBackend, fake_bundle
 from runtimes.chain import run_chain, run_guarded
 from runtimes.deadline import Deadline, StageClock
@@ -38,7 +39,7 @@ def _runtime(script, delays: dict | None = None, **kw) -> Runtime:
     return Runtime(bundle, FakeBackend(bundle, confidences=conf, predictions=pred, delays=delays), **kw)
 
 
-@pytest.mark.parametrize("thresholds", [[0.5, 0.5, 0.5], [0.9, None, 0.2], [0.0, 0.0, 0.0], [1.1, 1.1, 1.1]])
+@pytest.mark.parametrize("thresholds", [[0.5, 0.5, 0.5], [0.9, None, 0.2], [0.0, 0.0, 0.0], [NEVER, NEVER, NEVER]])
 @pytest.mark.parametrize("policy", ["per_sample", "batch"])
 def test_a_deadline_that_is_not_reached_changes_nothing(script, thresholds: list, policy: str) -> None:
     conf, pred = script
@@ -54,7 +55,7 @@ def test_time_up_gives_each_open_row_its_deepest_computed_exit(script) -> None:
     conf, pred = script
     rt = _runtime(script, {"segment": SEGMENT, "exit": HEAD})
     ms = 1000 * (1.5 * SEGMENT + HEAD)  # between one and two segments: time for exit 0 only
-    res = rt.infer(_inputs(range(N)), thresholds=[1.1, 1.1, 1.1], deadline_ms=ms)  # no exit ever fires
+    res = rt.infer(_inputs(range(N)), thresholds=[NEVER, NEVER, NEVER], deadline_ms=ms)  # no exit ever fires
     assert res.forced.all() and (res.exits == 0).all()
     assert np.array_equal(res.classes, pred[:, 0]) and np.allclose(res.confidences, conf[:, 0])
     assert res[0].forced and res[0].block == rt.bundle.exits[0].block
@@ -85,7 +86,7 @@ def test_every_call_returns_within_the_deadline_plus_one_graph_call(script) -> N
     for i in range(60):
         rt.backend.calls.clear()
         t0 = time.perf_counter()
-        res = rt.infer(_inputs([i % N]), thresholds=[1.1, 1.1, 1.1], deadline_ms=ms)
+        res = rt.infer(_inputs([i % N]), thresholds=[NEVER, NEVER, NEVER], deadline_ms=ms)
         over = 1000 * (time.perf_counter() - t0) - ms
         assert res.forced.all() and (res.exits == 0).all()
         assert over < 1000 * max(res.timings.values()) + 1.0
@@ -100,18 +101,18 @@ def test_every_call_returns_within_the_deadline_plus_one_graph_call(script) -> N
 def test_certificate_costs_stop_the_first_call_too(script) -> None:
     rt = _runtime(script, {"segment": SEGMENT, "exit": HEAD})
     rt._clock = StageClock({g.key: (SEGMENT if g.key.startswith("segment") else HEAD) for g in rt.bundle.graphs})
-    rt.infer(_inputs([3]), thresholds=[1.1, 1.1, 1.1], deadline_ms=1000 * (1.5 * SEGMENT + HEAD))
+    rt.infer(_inputs([3]), thresholds=[NEVER, NEVER, NEVER], deadline_ms=1000 * (1.5 * SEGMENT + HEAD))
     assert [k for k, _ in rt.backend.calls] == ["segment_0", "exit_0"]
     # with exit 1 off, segment 1 alone answers nothing: it starts only if segment 2 and exit 2 fit after it
     rt.backend.calls.clear()
-    res = rt.infer(_inputs([3]), thresholds=[1.1, None, 1.1], deadline_ms=1000 * (2.5 * SEGMENT + HEAD))
+    res = rt.infer(_inputs([3]), thresholds=[NEVER, None, NEVER], deadline_ms=1000 * (2.5 * SEGMENT + HEAD))
     assert [k for k, _ in rt.backend.calls] == ["segment_0", "exit_0"] and res.forced[0] and res.exits[0] == 0
 
 
 def test_the_first_exit_that_is_on_always_answers(script) -> None:
     conf, pred = script
     rt = _runtime(script, {"segment": SEGMENT})
-    res = rt.infer(_inputs(range(N)), thresholds=[None, 1.1, 1.1], deadline_ms=1e-3)
+    res = rt.infer(_inputs(range(N)), thresholds=[None, NEVER, NEVER], deadline_ms=1e-3)
     assert res.forced.all() and (res.exits == 1).all() and np.array_equal(res.classes, pred[:, 1])
 
 
@@ -142,7 +143,7 @@ def test_bad_deadlines_are_one_line_config_errors(script, bad) -> None:
 def test_errors_keep_reports_forced_rows(script) -> None:
     conf, pred = script
     rt = _runtime(script)
-    res = rt.infer(_inputs(range(8)), thresholds=[None, 1.1, 1.1], deadline_ms=1e-3, errors="keep")
+    res = rt.infer(_inputs(range(8)), thresholds=[None, NEVER, NEVER], deadline_ms=1e-3, errors="keep")
     assert res.forced.all() and np.array_equal(res.classes, pred[:8, 1])
     assert rt.infer(_inputs(range(8))).forced is None  # no deadline, no forced mask
 
@@ -182,7 +183,7 @@ def test_run_command_takes_a_deadline_and_a_monitor(tmp_path: Path) -> None:
     data, idx = bundle_split(load_bundle(V1_DIGITS), None, "test")
     for i in idx[:4]:
         Image.fromarray(data.items[i]).save(tmp_path / f"{i}.png")
-    res = CliRunner().invoke(cli, ["run", str(V1_DIGITS), str(tmp_path), "--thresholds", "1.01,1.01", "--json",
+    res = CliRunner().invoke(cli, ["run", str(V1_DIGITS), str(tmp_path), "--thresholds", "never,never", "--json",
                                    "--deadline-ms", "0.001", "--monitor", "1"])
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)

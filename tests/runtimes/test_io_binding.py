@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from runtimes.thresholds import NEVER
 from runtimes import Runtime
 from runtimes.backends.onnxruntime import OrtBackend, _BoundChain
 from runtimes.chain import run_chain
@@ -46,7 +47,7 @@ def _rows(inputs: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
 def _settings(rt: Runtime, inputs: dict[str, np.ndarray]) -> dict[str, list]:
     k = len(rt.bundle.exits)
     conf = rt.record(inputs).confidences
-    return {"off": [None] * k, "first": [0.0] * k, "none fires": [1.01] * k,
+    return {"off": [None] * k, "first": [0.0] * k, "none fires": [NEVER] * k,
             "mixed": [float(np.median(conf[:, i])) for i in range(k)], "some off": [None] * (k - 1) + [0.0]}
 
 

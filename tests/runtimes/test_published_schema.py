@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 
 from runtimes.bundle import load_bundle
 from runtimes.errors import BundleError
-from runtimes.records import Certificate, EngineSet, ValidationReport, read_json_record, schemas
+from runtimes.published import schemas
+from runtimes.records import Certificate, EngineSet, ValidationReport, read_json_record
 from runtimes.schema import dump_schema
 
 ROOT = Path(__file__).parents[2]
@@ -36,8 +37,8 @@ def test_checked_in_schema_matches_the_code(name: str) -> None:
 
 def test_golden_manifests_validate() -> None:
     v = _validator("bundle.schema.json")
-    assert not list(v.iter_errors(json.loads((HERE / "golden_bundle_v2" / "bundle.json").read_text())))
-    for v1 in ("golden_bundle", "v1_digits_bundle"):  # version 1 files validate once migrated
+    assert not list(v.iter_errors(json.loads((HERE / "golden_bundle_v3" / "bundle.json").read_text())))
+    for v1 in ("golden_bundle", "golden_bundle_v2", "v1_digits_bundle"):  # older files validate once migrated
         migrated = json.loads(json.dumps(load_bundle(HERE / v1).to_dict()))
         assert not list(v.iter_errors(migrated)), v1
 
@@ -58,11 +59,14 @@ def test_version_1_validation_report_reads() -> None:
 
 def test_schema_rejects_what_the_loader_rejects() -> None:
     v = _validator("bundle.schema.json")
-    data = json.loads((HERE / "golden_bundle_v2" / "bundle.json").read_text())
+    data = json.loads((HERE / "golden_bundle_v3" / "bundle.json").read_text())
     data["full"]["outputs"][0]["role"] = "answer"
     assert list(v.iter_errors(data))
-    data = json.loads((HERE / "golden_bundle_v2" / "bundle.json").read_text())
+    data = json.loads((HERE / "golden_bundle_v3" / "bundle.json").read_text())
     data["stages"][0]["segment"]["surprise"] = 1
+    assert list(v.iter_errors(data))
+    data = json.loads((HERE / "golden_bundle_v3" / "bundle.json").read_text())
+    data["head"] = {"task": "generate", "labels": ["a"]}  # a decoder head needs its graphs, not labels
     assert list(v.iter_errors(data))
 
 

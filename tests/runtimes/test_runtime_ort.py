@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from analysis.data import load_dataset
+from runtimes.thresholds import NEVER
 from runtimes import Runtime
 from tests.conftest import split_arrays
 from tests.test_layout import BLOCKER
@@ -30,7 +31,7 @@ def rt(micro_bundle):
 
 
 def test_no_exit_equals_the_monolithic_graph(rt, test_inputs) -> None:
-    rt.thresholds = [1.01, 1.01]
+    rt.thresholds = [NEVER, NEVER]
     chained = rt.infer(test_inputs)
     full = rt.infer_full(test_inputs)
     assert (chained.exits == 2).all() and np.array_equal(chained.classes, full.classes)
@@ -81,7 +82,7 @@ def test_raw_images_go_through_the_bundle_preprocessing(rt, tmp_path: Path) -> N
     digit = load_dataset("digits").items[0]
     Image.fromarray(digit).save(tmp_path / "d.png")
     a, b = rt.infer([str(tmp_path / "d.png")]), rt.infer([digit])
-    assert a.classes[0] == b.classes[0] and a[0].label == rt.bundle.labels[a.classes[0]]
+    assert a.classes[0] == b.classes[0] and a[0].label == rt.labels[a.classes[0]]
 
 
 def test_a_bundle_runs_where_torch_cannot_be_imported(micro_bundle) -> None:

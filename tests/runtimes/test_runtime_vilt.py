@@ -16,9 +16,9 @@ from PIL import Image
 
 from analysis.data import load_dataset
 from freedeploy.cli import cli
-from freedeploy.exporting import run_split
 from freedeploy.inputs import Encoder
-from freedeploy.rundir import load_run
+from freedeploy.rundir import load_run, run_split
+from runtimes.thresholds import NEVER
 from runtimes import Runtime
 from runtimes.errors import ConfigError, InputError
 from tests.conftest import split_arrays
@@ -37,7 +37,7 @@ def rt(micro_vqa_bundle):
 
 
 def test_chain_matches_the_monolithic_graph_and_the_first_exit(rt, vqa_inputs) -> None:
-    rt.thresholds = [1.01, 1.01]
+    rt.thresholds = [NEVER, NEVER]
     chained, full = rt.infer(vqa_inputs), rt.infer_full(vqa_inputs)
     assert (chained.exits == 2).all() and np.array_equal(chained.classes, full.classes)
     assert np.allclose(chained.confidences, full.confidences, atol=1e-5)
@@ -88,7 +88,7 @@ def test_run_question_cli(micro_vqa_bundle, micro_bundle, tmp_path: Path) -> Non
     result = CliRunner().invoke(cli, [*args, "--json"])
     assert result.exit_code == 0, result.stderr
     rec = json.loads(result.stdout)[0]
-    assert rec["question"] == "which digit is this?" and rec["label"] in micro_vqa_bundle.bundle.labels
+    assert rec["question"] == "which digit is this?" and rec["label"] in micro_vqa_bundle.bundle.head.labels
     with Runtime.load(micro_vqa_bundle.out) as rt:
         p = rt.infer(str(tmp_path / "three.png"), question="which digit is this?")[0]
     assert (rec["label"], rec["exit_index"]) == (p.label, p.exit_index)

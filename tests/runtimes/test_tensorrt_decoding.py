@@ -20,7 +20,7 @@ import pytest
 
 from runtimes.backends.onnxruntime import OrtBackend
 from runtimes.bundle import load_bundle
-from runtimes.decoding import DecodePlan, full_decode, greedy_decode, prefill, speculative_decode
+from runtimes.decoding import DecodePlan, full_decode, greedy_decode, open_session, prefill, speculative_decode
 from runtimes.errors import ConfigError, InputError
 from tests.fakes.fake_tensorrt import FakeGpu, installed_fakes
 
@@ -63,8 +63,9 @@ def _modes(b):
     for kv in ("recompute", "propagate"):
         for th in ([None, None], [0.0, None], [None, 0.0], [0.04, 0.04], [0.045, 0.0], [2.0, 2.0]):
             out[f"{kv} {th}"] = lambda be, plan, x, p, th=th, kv=kv: greedy_decode(be, b, x, p, MAX_NEW, th, plan, kv=kv)
-    for j, n in ((0, 3), (1, 2), (1, 4)):
-        out[f"speculative {j}/{n}"] = lambda be, plan, x, p, j=j, n=n: speculative_decode(be, b, x, p, MAX_NEW, j, n, plan)
+    for block, n in ((1, 3), (2, 2), (2, 4)):
+        out[f"speculative {block}/{n}"] = lambda be, plan, x, p, block=block, n=n: speculative_decode(
+            be, b, x, p, MAX_NEW, draft_block=block, draft_len=n, plan=plan)
     return out
 
 
@@ -89,10 +90,10 @@ def test_every_mode_decodes_what_onnx_runtime_decodes(trt, ort, decoder_data) ->
         for i, prompt in enumerate(decoder_data.prompts):
             x = decoder_data.images[i:i + 1]
             got, want = fn(be, plan, x, prompt), fn(ob, oplan, x, prompt)
-            assert (got.tokens, got.exits, dict(got.graph_calls)) == (want.tokens, want.exits, dict(want.graph_calls)), name
+            assert (got.tokens, got.blocks, dict(got.graph_calls)) == (want.tokens, want.blocks, dict(want.graph_calls)), name
             assert got.confidences == pytest.approx(want.confidences, rel=1e-6, abs=1e-7) and got.slack == want.slack
-            exits.update(got.exits[1:])
-    assert set(exits) == {0, 1, 2}  # every exit and the final head wrote tokens
+            exits.update(got.blocks[1:])
+    assert set(exits) == {1, 2, 4}  # every exit (blocks 1 and 2) and the final head wrote tokens
     assert gpu.named("IExecutionContext.set_input_shape")  # it ran on the engines, not some other path
     # the second bucket (31 rows: a step reads every position but its own) was bound
     assert {a["shape"][1] for a in gpu.named("IExecutionContext.set_input_shape") if a["name"] == "past_mask"} == {16, 31}
@@ -108,7 +109,7 @@ def test_prefilled_samples_decode_again_the_same(trt, ort, decoder_data) -> None
     for th in ([0.04, 0.04], [None, None]):
         again = greedy_decode(be, b, x, prompt, MAX_NEW, th, plan, prefilled=done)
         fresh = greedy_decode(be, b, x, prompt, MAX_NEW, th, plan)
-        assert (again.tokens, again.exits) == (fresh.tokens, fresh.exits)
+        assert (again.tokens, again.blocks) == (fresh.tokens, fresh.blocks)
         assert again.graph_calls["prefill"] == 0 and fresh.graph_calls["prefill"] == 1
 
 
@@ -129,9 +130,9 @@ def test_per_token_only_decisions_come_back_and_the_cache_stays_on_the_device(tr
     deciding = {e.graph.key for e in b.exits} | {b.stages[-1].segment.key, b.full.key}
     for name, fn in _modes(b).items():
         full_decode(be, b, decoder_data.images[:1], decoder_data.prompts[0], MAX_NEW, plan)  # allocations done
-        session = plan.acquire(be)
-        cache = [(r.address, r.address + r.strides[0] * r.shape[0]) for r in (session.keys, session.values)]
-        plan.release(session)
+        with open_session(plan, be) as session:
+            store = session.store
+            cache = [(r.address, r.address + r.strides[0] * r.shape[0]) for r in (store.keys, store.values)]
         for i, prompt in enumerate(decoder_data.prompts):
             gpu.calls.clear()
             out = fn(be, plan, decoder_data.images[i:i + 1], prompt)
@@ -186,7 +187,7 @@ def test_bindings_are_set_once_and_cuda_graphs_replay_them(engines, ort, decoder
         first = greedy_decode(be, b, x, prompt, MAX_NEW, [0.04, 0.04], plan)
         gpu.calls.clear()
         again = greedy_decode(be, b, x, prompt, MAX_NEW, [0.04, 0.04], plan)
-        assert (first.tokens, first.exits) == (again.tokens, again.exits) == (want.tokens, want.exits)
+        assert (first.tokens, first.blocks) == (again.tokens, again.blocks) == (want.tokens, want.blocks)
         # every binding was captured on its first call: the second sample replays graphs, sets nothing
         assert not gpu.named("IExecutionContext.set_tensor_address") and not gpu.named("IExecutionContext.set_input_shape")
         assert not gpu.named("IExecutionContext.execute_async_v3")
@@ -227,8 +228,8 @@ def test_bad_input_gives_the_same_one_line_errors(trt, ort, decoder_data) -> Non
            lambda be_, pl: full_decode(be_, b, np.concatenate([x, x]), prompt, 2, pl),
            lambda be_, pl: greedy_decode(be_, b, x, prompt, 4, [0.5], pl),
            lambda be_, pl: greedy_decode(be_, b, x, prompt, 4, [0.5, 0.5], pl, kv="both"),
-           lambda be_, pl: speculative_decode(be_, b, x, prompt, 4, 2, 3, pl),
-           lambda be_, pl: speculative_decode(be_, b, x, prompt, 4, 0, 0, pl)]
+           lambda be_, pl: speculative_decode(be_, b, x, prompt, 4, draft_block=3, draft_len=3, plan=pl),
+           lambda be_, pl: speculative_decode(be_, b, x, prompt, 4, draft_block=1, draft_len=0, plan=pl)]
     for fn in bad:
         with pytest.raises((InputError, ConfigError)) as on_trt:
             fn(be, plan)
@@ -252,7 +253,7 @@ def test_runtime_generates_on_tensorrt_what_it_generates_on_onnx_runtime(engines
     try:
         assert on_trt.backend.name == "tensorrt"
         image = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        for kw in (dict(mode="full"), dict(mode="speculative", draft_exit=1, draft_len=3),
+        for kw in (dict(mode="full"), dict(mode="speculative", draft_block=2, draft_len=3),
                    dict(thresholds=[0.0, None]), dict(thresholds=[0.04, 0.04])):
             got, want = on_trt.generate(image, "w5 w6", max_new_tokens=8, **kw), \
                 on_ort.generate(image, "w5 w6", max_new_tokens=8, **kw)
@@ -293,4 +294,4 @@ def test_callers_on_several_threads_each_get_their_own_session(trt, ort, decoder
         t.join()
     assert not errors
     for (t, k), out in got.items():
-        assert (out.tokens, out.exits) == (want[k % 10].tokens, want[k % 10].exits)
+        assert (out.tokens, out.blocks) == (want[k % 10].tokens, want[k % 10].blocks)

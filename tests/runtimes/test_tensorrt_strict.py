@@ -67,7 +67,8 @@ def test_the_trt_extra_resolves_to_bindings_that_exist_for_each_platform() -> No
 
 
 def test_every_readme_install_line_pins_the_cuda_bindings() -> None:
-    lines = [ln for ln in (ROOT / "README.md").read_text().splitlines()
+    text = "\n".join((ROOT / page).read_text() for page in ("README.md", "docs/install.md"))
+    lines = [ln for ln in text.splitlines()
              if ln.startswith("pip install") and re.search(r"cuda-(bindings|python)", ln)]
     assert lines and all(re.search(r"cuda-(bindings|python)[^\s]*(==|<)", ln) for ln in lines), lines
     assert any("cuda-python==12.6.2.post1" in ln for ln in lines)  # the Jetson line

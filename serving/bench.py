@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from runtimes.errors import BackendUnavailableError
-from runtimes.serve.server import http_ready
+from serving.server import http_ready
 
 __all__ = ["ServerProcess", "RepositoryServer", "triton_home", "free_ports", "load_test"]
 
@@ -101,9 +101,9 @@ class ServerProcess:
 
 
 def triton_home(python: str, into: str | os.PathLike) -> tuple[Path, dict[str, str]]:
-    """``runtimes.serve.server.triton_home`` run by ``python`` (the serving environment's): the
+    """``serving.server.triton_home`` run by ``python`` (the serving environment's): the
     server's private copy under ``into``, and the environment it needs."""
-    code = ("import json, sys; from pathlib import Path; from runtimes.serve.server import triton_home; "
+    code = ("import json, sys; from pathlib import Path; from serving.server import triton_home; "
             "home, env = triton_home(Path(sys.argv[1])); print(json.dumps([str(home), env]))")
     home, env = json.loads(subprocess.run([python, "-c", code, os.fspath(into)], check=True, capture_output=True,
                                           text=True, timeout=120, cwd=ROOT).stdout)

@@ -3,9 +3,9 @@
 
 Triton takes the requests (HTTP and gRPC, KServe v2 protocol), batches them across clients
 (dynamic batching), reports health and Prometheus metrics; the runtime answers each batch in one
-call, so early exit compacts per row inside it (``runtimes.serve.protocol``). Two engines:
+call, so early exit compacts per row inside it (``serving.protocol``). Two engines:
 
-- ``tritonserver`` (default): the model repository of ``runtimes.serve.repository``, written into a
+- ``tritonserver`` (default): the model repository of ``serving.repository``, written into a
   private workspace, served by the ``tritonserver`` binary PyTriton ships; the runtime runs in
   Triton's Python-backend processes.
 - ``pytriton``: PyTriton binds the runtime in this process; Triton hands each batch over through
@@ -40,8 +40,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from runtimes.errors import BackendUnavailableError, ConfigError
-from runtimes.serve.protocol import (DEFAULT_QUEUE_DELAY_US, OUTPUTS, answer_requests, check_model_name, inputs_for,
-                                     model_name, model_names)
+from serving.protocol import (DEFAULT_QUEUE_DELAY_US, OUTPUTS, answer_requests, check_model_name, inputs_for,
+                              model_name, model_names)
 
 __all__ = ["ServeConfig", "serve", "python_library_path", "ready_line"]
 
@@ -278,7 +278,7 @@ def _run_tritonserver(bundle_dir: str | os.PathLike, config: ServeConfig, served
                       precision: str | None) -> dict[str, Any]:
     """The tritonserver binary PyTriton ships, on the model repository ``triton-repo`` writes (in a
     private workspace): the runtime runs in Triton's Python-backend stubs, with no proxy in between."""
-    from runtimes.serve.repository import write_repository
+    from serving.repository import write_repository
 
     workspace = Path(tempfile.mkdtemp(prefix="freedeploy-serve-"))
     proc: subprocess.Popen | None = None

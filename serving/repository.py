@@ -5,16 +5,18 @@
 already there are left alone: a repository holds many)::
 
     NAME/config.pbtxt                   backend "python", dynamic batching, the raw inputs
-    NAME/1/model.py                     runtimes/serve/triton_model.py
+    NAME/1/model.py                     serving/triton_model.py
     NAME/1/bundle/                      a copy of the bundle, checked after copying
     NAME/1/runtimes/                    the runtime's own sources, vendored
+    NAME/1/serving/protocol.py          the tensors model.py takes and answers, vendored (nothing else
+                                        of ``serving``: no server, no client)
     NAME/freedeploy-model.json          marks the model as ours: only such a model is replaced
     NAME_tensors/config.pbtxt           the bundle's preprocessed model inputs; same bundle copy
     NAME_tensors/1/model.py
     NAME_tensors/freedeploy-model.json
 
-The inputs and outputs are ``runtimes.serve.protocol``'s, as ``freedeploy serve`` answers them, so
-one client talks to both. The vendored ``runtimes`` makes the server run the runtime version the
+The inputs and outputs are ``serving.protocol``'s, as ``freedeploy serve`` answers them, so
+one client talks to both. The vendored ``runtimes`` and protocol make the server run the versions the
 repository was written with, whatever else its Python holds. That Python (the one Triton's
 Python-backend stub embeds: in an NGC container the system Python; elsewhere the first ``python3``
 on PATH decides whose site-packages it reads, so a virtual environment's ``bin`` goes first on
@@ -32,25 +34,28 @@ directory that stops ``tritonserver`` from starting until the next write of that
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+import runtimes
 from runtimes.atomic import LOCK_FILE, Replaceable, atomic_directory, check_target
 from runtimes.backends.base import device_form
 from runtimes.errors import BundleError, ConfigError
-from runtimes.serve.protocol import (DEFAULT_QUEUE_DELAY_US, OUTPUTS, check_model_name, inputs_for, model_name,
-                                     model_names)
+from runtimes.thresholds import parse_thresholds
+from serving.protocol import DEFAULT_QUEUE_DELAY_US, OUTPUTS, check_model_name, inputs_for, model_name, model_names
 
-__all__ = ["write_repository", "config_text", "MODEL_MARKER", "MODEL_DIR", "VERSION", "REQUIREMENTS"]
+__all__ = ["write_repository", "config_text", "vendor", "MODEL_MARKER", "MODEL_DIR", "VERSION", "REQUIREMENTS",
+           "VENDORED_PROTOCOL"]
 
 MODEL_MARKER = "freedeploy-model.json"
 MODEL_DIR = Replaceable("a Triton model written by freedeploy", MODEL_MARKER, "triton_model")
 VERSION = "1"  # the model version directory
 _TEMPORARY = re.compile(r"^\..+\.(tmp|partial|old)$")  # runtimes.atomic's temporary names
+VENDORED_PROTOCOL = "serving/protocol.py"  # the one module of this package that model.py imports
+_VENDORED_INIT = '"""What a freedeploy Triton model vendors of ``serving``: the protocol, nothing else."""\n'
 # what the server's Python needs besides the vendored runtime, by the bundle's preprocessing kind
 REQUIREMENTS = {"image": ("numpy", "onnxruntime", "pillow"), "text": ("numpy", "onnxruntime", "tokenizers"),
                 "image-text": ("numpy", "onnxruntime", "pillow", "tokenizers")}
@@ -69,15 +74,8 @@ def _check(name: str, max_batch: int, queue_delay_us: int, instances: int, backe
 
 
 def _checked_thresholds(bundle: Any, thresholds: Sequence[float | None] | None) -> list[float | None] | None:
-    if thresholds is None:
-        return None
-    values = list(thresholds)
-    if len(values) != len(bundle.exits):
-        raise ConfigError(f"{len(values)} thresholds given; bundle {bundle.name} has {len(bundle.exits)} exits")
-    for v in values:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise ConfigError(f"thresholds must be finite numbers or None, got {v!r}")
-    return [None if v is None else float(v) for v in values]
+    """The one threshold rule (``runtimes.thresholds``), checked before the repository is written."""
+    return None if thresholds is None else parse_thresholds(thresholds, len(bundle.exits), f"bundle {bundle.name}")
 
 
 def _quote(text: str) -> str:
@@ -125,6 +123,15 @@ def _copy_tree(src: Path, dst: Path) -> int:
     return size
 
 
+def vendor(into: Path) -> None:
+    """What ``model.py`` imports, copied under ``into`` (the directory it puts first on ``sys.path``):
+    the ``runtimes`` package whole, and of ``serving`` only the protocol."""
+    _copy_tree(Path(runtimes.__file__).resolve().parent, into / "runtimes")
+    (into / "serving").mkdir()
+    (into / "serving" / "__init__.py").write_text(_VENDORED_INIT, encoding="utf-8")
+    shutil.copyfile(Path(__file__).with_name("protocol.py"), into / VENDORED_PROTOCOL)
+
+
 def _marker(mode: str, bundle: Any, name: str) -> str:
     from runtimes.bundle import MANIFEST, sha256_file
 
@@ -165,7 +172,6 @@ def write_repository(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, 
               "early_exit": "true" if early_exit else "false",
               "thresholds": "" if thresholds is None else json.dumps(thresholds)}
     template = Path(__file__).with_name("triton_model.py")
-    package = Path(__file__).resolve().parents[1]
     note = f"written by freedeploy triton-repo from bundle {bundle.name!r}"
     # the tensors model commits last: it reads the raw model's bundle copy
     with (atomic_directory(targets["tensors"], overwrite, MODEL_DIR, [bundle_dir]) as tensors_tmp,
@@ -179,7 +185,7 @@ def write_repository(bundle_dir: str | os.PathLike, out_dir: str | os.PathLike, 
             shutil.copyfile(template, tmp / VERSION / "model.py")
             (tmp / MODEL_MARKER).write_text(_marker(mode, bundle, names[mode]), encoding="utf-8")
         size = _copy_tree(bundle_dir, raw_tmp / VERSION / "bundle")
-        _copy_tree(package, raw_tmp / VERSION / "runtimes")
+        vendor(raw_tmp / VERSION)
         try:  # the copy is what the server will load: check every file's checksum now
             load_bundle(raw_tmp / VERSION / "bundle")
         except BundleError as exc:

@@ -13,9 +13,9 @@ import pytest
 
 from runtimes import Runtime
 from runtimes.errors import BackendUnavailableError, ConfigError, InputError
-from runtimes.serve.client import Client, Fleet, _bytes_blob
-from runtimes.serve.protocol import OUTPUTS, answer, answer_requests, inputs_for, model_names
-from analysis.serving import free_ports
+from serving.bench import free_ports
+from serving.client import Client, Fleet, _bytes_blob
+from serving.protocol import OUTPUTS, answer, answer_requests, inputs_for, model_names
 
 
 def png(seed: int, size: int = 8) -> bytes:

@@ -1,4 +1,4 @@
-"""``freedeploy triton-repo`` (``runtimes.serve.repository``): the model repository's layout and
+"""``freedeploy triton-repo`` (``serving.repository``): the model repository's layout and
 config, its ``model.py`` under a stand-in of Triton's Python backend, the real ``tritonserver`` on it,
 and what it refuses to write or replace."""
 
@@ -22,23 +22,22 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from analysis.serving import RepositoryServer
 from freedeploy.cli import cli
-from freedeploy.exporting import run_split
 from freedeploy.inputs import Encoder
-from freedeploy.rundir import load_run
+from freedeploy.rundir import load_run, run_split
 from runtimes import Runtime
 from runtimes.bundle import load_bundle
 from runtimes.errors import BundleError, ConfigError
-from runtimes.serve import protocol, repository
-from runtimes.serve.client import Client
-from runtimes.serve.protocol import model_name
-from runtimes.serve.repository import MODEL_MARKER, write_repository
+from serving import protocol, repository
+from serving.bench import RepositoryServer
+from serving.client import Client
+from serving.protocol import model_name
+from serving.repository import MODEL_MARKER, write_repository
 from tests.fakes import fake_pb_utils as pb
-from tests.serve.conftest import ROOT, port_in_use
+from tests.serving.conftest import ROOT, port_in_use
 
 BUNDLES = {"micro_bundle": "micro_run", "micro_text_bundle": "micro_text_run", "micro_vqa_bundle": "micro_vqa_run"}
-PACKAGE = ROOT / "runtimes"
+RUNTIMES, SERVING = ROOT / "runtimes", ROOT / "serving"
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
@@ -179,19 +178,25 @@ def test_layout_and_config(fixture: str, request: pytest.FixtureRequest, tmp_pat
         params = _parameters(repo / model)
         assert params["mode"] == mode and params["early_exit"] == "true" and params["thresholds"] == ""
         assert (repo / model / params["bundle"]).resolve() == (repo / name / "1" / "bundle").resolve()
-        assert (repo / model / "1" / "model.py").read_bytes() == (PACKAGE / "serve" / "triton_model.py").read_bytes()
+        assert (repo / model / "1" / "model.py").read_bytes() == (SERVING / "triton_model.py").read_bytes()
         assert json.loads((repo / model / MODEL_MARKER).read_text())["triton_model"]["mode"] == mode
     if bundle.preprocess.kind == "image":
         assert [t["dims"][0] for t in _pbtxt((repo / (name + "_tensors") / "config.pbtxt").read_text())["input"]] \
                == [[3, 16, 16]]
-    # one bundle copy, byte for byte, that loads; the runtime's sources, and nothing compiled
+    # one bundle copy, byte for byte, that loads; the runtime's sources and the protocol, nothing compiled
     assert not (repo / (name + "_tensors") / "1" / "bundle").exists()
     copy = repo / name / "1" / "bundle"
     assert _tree(copy) == {k: v for k, v in _tree(bundle_dir).items() if not k.endswith(".lock")}
     assert load_bundle(copy).files == bundle.files
     vendored = _tree(repo / name / "1" / "runtimes")
-    assert vendored == {k: v for k, v in _tree(PACKAGE).items() if "__pycache__" not in k and not k.endswith(".pyc")}
-    assert "serve/protocol.py" in vendored and not list((repo / name).rglob("__pycache__"))
+    assert vendored == {k: v for k, v in _tree(RUNTIMES).items() if "__pycache__" not in k and not k.endswith(".pyc")}
+    assert "backends/onnxruntime.py" in vendored and not any(k.startswith("serve/") for k in vendored)
+    # of the serving package only the protocol: no server, no client, no repository writer
+    served = _tree(repo / name / "1" / "serving")
+    assert sorted(served) == ["__init__.py", "protocol.py"]
+    assert served["protocol.py"] == _tree(SERVING)["protocol.py"]
+    assert sorted(p.name for p in (repo / name / "1").iterdir()) == ["bundle", "model.py", "runtimes", "serving"]
+    assert not list((repo / name).rglob("__pycache__"))
 
 
 def test_the_files_follow_the_umask(micro_bundle, tmp_path: Path) -> None:
@@ -310,19 +315,19 @@ VENDORED_CHECK = textwrap.dedent("""
     spec = importlib.util.spec_from_file_location("model", job["model_py"])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert "runtimes" not in sys.modules
+    assert "runtimes" not in sys.modules and "serving" not in sys.modules
     model = module.TritonPythonModel()
     model.initialize(job["args"])
     image = pb.Tensor("image", np.array([[bytes.fromhex(job["image"])]], dtype=object))
     out = model.execute([pb.InferenceRequest([image])])
     model.finalize()
-    print(json.dumps([sys.modules["runtimes"].__file__,
+    print(json.dumps([sys.modules["runtimes"].__file__, sys.modules["serving.protocol"].__file__,
                       int(pb.get_output_tensor_by_name(out[0], "class").as_numpy()[0, 0])]))
 """)
 
 
 def test_model_py_runs_the_vendored_runtime(micro_bundle, micro_run, tmp_path: Path) -> None:
-    """In a fresh interpreter whose path also holds the project's own runtimes package."""
+    """In a fresh interpreter whose path also holds the project's own runtimes and serving packages."""
     raw, _, _ = _samples(micro_run, 1)
     repo = tmp_path / "models"
     write_repository(micro_bundle.out, repo, name="d")
@@ -332,8 +337,9 @@ def test_model_py_runs_the_vendored_runtime(micro_bundle, micro_run, tmp_path: P
     proc = subprocess.run([sys.executable, "-c", VENDORED_CHECK, json.dumps(job)], capture_output=True, text=True,
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    where, cls = json.loads(proc.stdout.strip().splitlines()[-1])
+    where, protocol_file, cls = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(where) == repo / "d" / "1" / "runtimes" / "__init__.py" and cls >= 0
+    assert Path(protocol_file) == repo / "d" / "1" / "serving" / "protocol.py"
 
 
 # -- 3. the real tritonserver ---------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Standard library and numpy only (KServe v2 over HTTP, inputs in Triton's binary tensor format), so a
 camera or robot process can call a server without Triton's client packages and with any numpy:
 
-    from runtimes.serve.client import Client, Fleet
+    from serving.client import Client, Fleet
     client = Client("http://edge-1:8000", "digits")
     client.infer([open("frame.png", "rb").read()])[0].label     # raw inputs: encoded images, texts
     client.infer({"pixel_values": batch})                       # preprocessed: the NAME_tensors model
@@ -31,7 +31,7 @@ import numpy as np
 
 from runtimes.errors import BackendUnavailableError, ConfigError, InputError
 from runtimes.result import Prediction
-from runtimes.serve.protocol import DATATYPES, OUTPUTS, TENSORS_SUFFIX
+from serving.protocol import DATATYPES, OUTPUTS, TENSORS_SUFFIX
 
 __all__ = ["Client", "Fleet", "ServerStats"]
 

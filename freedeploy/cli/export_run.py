@@ -1,4 +1,8 @@
-"""Glue between a run dir and ``exporters.export_bundle``: load the model, encode the data."""
+"""What ``freedeploy export`` does with a run dir: load the model and encode the data with the training
+package, then hand the module and the arrays to ``exporters``. This is the one place where the
+two meet: the training package never imports ``exporters``, and ``exporters`` never imports
+``freedeploy`` (it receives the model as an object).
+"""
 
 from __future__ import annotations
 
@@ -7,32 +11,23 @@ from typing import Any, Callable
 
 import numpy as np
 
-from analysis.data import load_dataset, split_digest
+from exporters.decoder_export import DecoderExportData, DecoderExportResult, export_decoder_bundle
 from exporters.export import ExportConfig, ExportData, ExportResult, export_bundle
+from freedeploy.generative.data import CaptionEncoder
+from freedeploy.generative.decode import greedy
+from freedeploy.generative.train import load_generative_run
 from freedeploy.inputs import TOKENIZER_FILE, Encoder
-from freedeploy.rundir import RunInfo, load_run, read_manifest
+from freedeploy.rundir import RunInfo, load_run, read_manifest, run_split
 from runtimes.atomic import check_target
 from runtimes.bundle import BUNDLE_DIR
-from runtimes.errors import ConfigError, DataError
+from runtimes.errors import ConfigError
 
-__all__ = ["export_run", "run_split"]
-
-
-def run_split(info: Any, split: str, data_spec: str | None = None) -> tuple[Any, np.ndarray]:
-    """The data set and row indices of one split of a run, checked against the run's fingerprint."""
-    data = load_dataset(data_spec or info.data["spec"])
-    splits = info.splits()
-    if split not in splits:
-        raise DataError(f"run {info.path} has no split {split!r}; it has {sorted(splits)}")
-    idx = np.asarray(splits[split], dtype=np.int64)
-    if data_spec is None and split_digest(idx) != info.data["split_digests"].get(split, split_digest(idx)):
-        raise DataError(f"the {split} split of {info.path} does not match its recorded fingerprint")
-    if len(idx) and idx.max() >= len(data):
-        raise DataError(f"data set {data.spec!r} has {len(data)} rows, fewer than run {info.path} was trained on")
-    return data, idx
+__all__ = ["export_run"]
 
 
-def export_run(run_dir: Path, out: Path, progress: Callable[[str], None] | None = None, **settings: Any) -> ExportResult:
+def export_run(run_dir: Path, out: Path, progress: Callable[[str], None] | None = None,
+               **settings: Any) -> ExportResult | DecoderExportResult:
+    """A run dir -> a validated bundle at ``out``; ``settings`` are ``ExportConfig``'s fields."""
     cfg = ExportConfig(**settings)
     check_target(Path(out), cfg.overwrite, BUNDLE_DIR, inputs=(run_dir,))  # before minutes of work
     if read_manifest(Path(run_dir)).get("task") == "generate":
@@ -49,13 +44,8 @@ def export_run(run_dir: Path, out: Path, progress: Callable[[str], None] | None 
 
 
 def export_generative_run(run_dir: Path, out: Path, cfg: ExportConfig,
-                          progress: Callable[[str], None] | None = None) -> Any:
+                          progress: Callable[[str], None] | None = None) -> DecoderExportResult:
     """A generative run dir -> a generative bundle, validated on the whole test split."""
-    from exporters.decoder_export import DecoderExportData, export_decoder_bundle
-    from freedeploy.generative.data import CaptionEncoder
-    from freedeploy.generative.decode import greedy
-    from freedeploy.generative.train import load_generative_run
-
     if cfg.head_weights != "fp32":
         raise ConfigError("--head-weights int8 is for classifiers; a decoder's exit heads stay fp32 for now")
     model, manifest = load_generative_run(run_dir)
@@ -68,8 +58,8 @@ def export_generative_run(run_dir: Path, out: Path, cfg: ExportConfig,
     max_new = min(int(pre["max_length"]), positions - max(len(p) for p in prompts))
     arrays = DecoderExportData(enc.pixels(test), prompts, [enc.target_ids(int(i)) for i in test], max_new)
 
-    def reference(pixels: Any, prompt: Any, n: int, thresholds: Any) -> Any:
-        return greedy(model, pixels, prompt, n, special.eos, thresholds=thresholds)
+    def reference(pixels: Any, prompt: Any, n: int, thresholds: Any, kv: Any) -> Any:
+        return greedy(model, pixels, prompt, n, special.eos, thresholds=thresholds, kv=kv)
 
     tokens = {"bos": special.bos, "eos": special.eos, "pad": special.pad, "vocab_size": model.vocab_size}
     provenance = {"export_settings": {k: v for k, v in vars(cfg).items()}, "source": {

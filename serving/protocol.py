@@ -1,7 +1,7 @@
 """What a served bundle takes and answers, as Triton tensors; and one batch of requests, answered.
 
 The same functions back ``freedeploy serve`` (PyTriton), the model repository's Python-backend
-model (``runtimes.serve.repository``) and the client (``runtimes.serve.client``), so the three
+model (``serving.repository``) and the client (``serving.client``), so the three
 cannot drift apart. Needs numpy only (and the runtime's own packages to answer).
 
 Two models per bundle:
@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from runtimes.bundle import ClassifierHead
 from runtimes.errors import ConfigError, InputError
 
 __all__ = ["Port", "OUTPUTS", "DATATYPES", "MODES", "DEFAULT_QUEUE_DELAY_US", "TENSORS_SUFFIX", "inputs_for", "model_name",
@@ -77,9 +78,8 @@ def _raw_names(kind: str) -> tuple[str, ...]:
 
 def inputs_for(bundle: Any, mode: str) -> tuple[Port, ...]:
     """The input tensors of ``bundle`` served in ``mode`` (raw or tensors)."""
-    if getattr(bundle, "task", "classify") != "classify":
-        raise ConfigError(f"bundle {bundle.name} is generative ({bundle.task}): serving takes classifier bundles "
-                          "for now; run it with freedeploy run or Runtime.generate")
+    bundle.expect(ClassifierHead, "serving (for now; a generative bundle runs with freedeploy run or "
+                                  "Generator.generate)")
     if mode == "raw":
         return tuple(Port(n, "bytes", (1,)) for n in _raw_names(bundle.preprocess.kind))
     if mode == "tensors":
@@ -155,7 +155,7 @@ def answer(runtime: Any, mode: str, inputs: dict[str, np.ndarray], early_exit: b
 def _outputs(bundle: Any, classes: np.ndarray, confidences: np.ndarray, exits: np.ndarray, blocks: np.ndarray,
              errors: dict[int, Exception]) -> dict[str, np.ndarray]:
     n = len(classes)
-    labels = np.array([bundle.labels[int(c)].encode() if c >= 0 else b"" for c in classes], dtype=object)
+    labels = np.array([bundle.head.labels[int(c)].encode() if c >= 0 else b"" for c in classes], dtype=object)
     error = np.array([b""] * n, dtype=object)
     for i, exc in errors.items():
         error[i] = str(exc).encode()

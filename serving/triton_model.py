@@ -1,12 +1,13 @@
 """A freedeploy bundle as a model of Triton's Python backend: the ``model.py`` that
-``runtimes.serve.repository`` writes into a model repository (this file, copied).
+``serving.repository`` writes into a model repository (this file, copied).
 
 The model's config.pbtxt ``parameters`` say what to serve; paths are relative to the model's
 directory:
 
 - ``mode``: ``raw`` (encoded images, texts) or ``tensors`` (the bundle's model inputs);
 - ``bundle``: the bundle directory; ``runtimes``: the directory holding the vendored ``runtimes``
-  package, put first on ``sys.path`` so the server runs the runtime the repository was written with;
+  package and ``serving/protocol.py``, put first on ``sys.path`` so the server runs the runtime and
+  protocol the repository was written with;
 - ``backend``: auto, onnxruntime or tensorrt, ``device`` and ``precision`` (empty: the runtime's
   defaults); ``early_exit``: true or false (false: the monolithic
   graph, the baseline); ``thresholds``: a JSON list (null turns an exit off), empty for the bundle's own.
@@ -50,7 +51,7 @@ class TritonPythonModel:
             sys.path.insert(0, vendored)
         from runtimes import Runtime
         from runtimes.errors import ConfigError
-        from runtimes.serve.protocol import OUTPUTS, answer_requests, inputs_for
+        from serving.protocol import OUTPUTS, answer_requests, inputs_for
 
         self._answer, self._outputs = answer_requests, OUTPUTS
         self._mode = params.get("mode") or "raw"

@@ -17,9 +17,9 @@ import pytest
 
 from runtimes import Runtime
 from runtimes.errors import BackendUnavailableError, InputError
-from runtimes.serve.client import Client, Fleet
-from analysis.serving import ServerProcess, free_ports
-from tests.serve.conftest import ROOT, port_in_use
+from serving.bench import ServerProcess, free_ports
+from serving.client import Client, Fleet
+from tests.serving.conftest import ROOT, port_in_use
 
 GRPC_CLIENT = """
 import json, sys
