@@ -211,7 +211,7 @@ def test_concurrent_calibrations_lose_no_certificate(tmp_path: Path) -> None:
     assert all(p.returncode == 0 for p in procs), errors
     keys = set(load_bundle(bundle).calibration)
     assert {f"{n}-{i}" for n in "abc" for i in range(12)} <= keys  # nothing silently lost
-    assert (bundle / LOCK_FILE).is_file() and json.loads((bundle / "bundle.json").read_text())["schema_version"] == 2
+    assert (bundle / LOCK_FILE).is_file() and json.loads((bundle / "bundle.json").read_text())["schema_version"] == 3
 
 
 def test_a_foreign_manifest_of_the_same_name_is_not_ours(micro_run: Path, tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ and what it refuses to write or replace."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -462,8 +461,7 @@ def test_cli_writes_and_says_what_to_run(micro_bundle, tmp_path: Path) -> None:
     assert _parameters(repo / "cam")["early_exit"] == "false"
 
 
-def test_bundles_that_cannot_be_served_are_refused(micro_bundle, tmp_path: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bundles_that_cannot_be_served_are_refused(micro_bundle, decoder_bundle, tmp_path: Path) -> None:
     out = str(tmp_path / "models")
     _refused([str(tmp_path / "nowhere"), "--out", out], BundleError, "is not a bundle directory")
     (tmp_path / "photos").mkdir()
@@ -473,12 +471,7 @@ def test_bundles_that_cannot_be_served_are_refused(micro_bundle, tmp_path: Path,
     onnx = next((broken / "onnx").glob("*.onnx"))
     onnx.write_bytes(onnx.read_bytes()[:-1] + b"\0")
     _refused([str(broken), "--out", out], BundleError, "checksum mismatch")
-    import runtimes.bundle
-
-    real = runtimes.bundle.load_bundle
-    monkeypatch.setattr(runtimes.bundle, "load_bundle", lambda *a, **k: dataclasses.replace(real(*a, **k),
-                                                                                          task="generate"))
-    _refused([str(micro_bundle.out), "--out", out], ConfigError, "is generative")
+    _refused([str(decoder_bundle.out), "--out", out], ConfigError, "is a generate bundle: serving")
     assert not (tmp_path / "models").exists()
 
 
