@@ -13,7 +13,7 @@ from analysis.data import Dataset, load_dataset, make_splits, split_digest
 from analysis.metrics import exit_histogram, exit_metrics
 from calibration.thresholds import exit_decisions, expected_cost
 from runtimes.bundle import Bundle, ClassifierHead
-from runtimes.errors import ConfigError, DataError
+from runtimes.errors import DataError
 from runtimes.classifier import Classifier
 from runtimes.runtime import Runtime
 

@@ -312,8 +312,7 @@ class Bundle:
         """The head, when it is a ``kind`` (``ClassifierHead`` or ``DecoderHead``); else a ConfigError saying
         that ``use`` needs the other kind of bundle. What a consumer that runs one kind asks."""
         if not isinstance(self.head, kind):
-            raise ConfigError(f"bundle {self.name!r} is a {self.head.task} bundle: {use} takes "
-                              f"{kind.__dataclass_fields__['task'].default} bundles")
+            raise ConfigError(f"bundle {self.name!r} is a {self.head.task} bundle: {use} takes {kind.task} bundles")
         return self.head
 
     @property

@@ -10,7 +10,6 @@ so the keys live here and nowhere else.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
